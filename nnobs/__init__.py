@@ -1,0 +1,3 @@
+"""nnobs: observability of transformers."""
+
+__version__ = "0.1.0"
