@@ -175,8 +175,9 @@ def test_match_params_brings_two_architectures_within_one_percent():
         ModelConfig(vocab_size=500, d_model=32, n_layers=2, n_heads=1), deep, "d_model"
     )
     assert abs(count_params(wide) - count_params(deep)) / count_params(deep) < 0.01
-    bottleneck = match_params(deep.replace(d_mlp=[256, 256, 16, 256, 256, 256]), shallow)
-    assert bottleneck.mlp_widths[2] < bottleneck.mlp_widths[0] / 8  # the bottleneck keeps its shape
+    bottleneck = match_params(deep.replace(d_mlp=[256, 256, 16, 256, 256, 256]), deep)
+    widths = bottleneck.mlp_widths
+    assert widths[0] > 256 and widths[2] <= widths[0] / 12  # the bottleneck keeps its shape
 
 
 def test_intermediate_supervision_adds_an_auxiliary_loss():
