@@ -216,10 +216,33 @@ def nnobs_adapter(model: nn.Module, tokenizer: Any = None, provenance: dict | No
             "architecture": "nnobs.Transformer",
             "config": cfg.to_dict(),
             "config_hash": cfg.hash,
+            "max_seq_len": cfg.max_seq_len,
             **(provenance or {}),
         },
         unembed_fn=model.readout,
     )
+
+
+def random_init_like(adapter: ModelAdapter, seed: int = 0) -> ModelAdapter:
+    """The same architecture with freshly initialised weights: the detection floor's null model."""
+    from nnobs.model import Transformer
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if isinstance(adapter.model, Transformer):
+            model = Transformer(adapter.model.config)
+            wrap = nnobs_adapter
+        else:
+            from transformers import AutoModelForCausalLM
+
+            from nnobs.hf import hf_adapter
+
+            model = AutoModelForCausalLM.from_config(adapter.model.config)
+            wrap = hf_adapter
+    dtype = next(adapter.model.parameters()).dtype
+    model = model.to(device=adapter.device, dtype=dtype).eval()
+    provenance = {**adapter.provenance, "random_init": True, "random_init_seed": seed}
+    return wrap(model, adapter.tokenizer, provenance)
 
 
 def load_model(
