@@ -38,6 +38,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -167,6 +168,10 @@ class TrainConfig:
 def _check_int(name: str, value: Any, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise NnobsError(f"train.{name} must be an integer >= {low}, got {value!r}")
+
+
+# Called after each checkpoint is saved: (step, model, checkpoint meta + total_steps).
+CheckpointHook = Callable[[int, nn.Module, dict[str, Any]], None]
 
 
 @dataclass
@@ -426,8 +431,14 @@ def train(
     *,
     progress: bool = True,
     overwrite: bool = False,
+    on_checkpoint: CheckpointHook | None = None,
 ) -> RunResult:
-    """Train (or resume, or confirm finished) the run in ``out_dir``; see the module doc."""
+    """Train (or resume, or confirm finished) the run in ``out_dir``; see the module doc.
+
+    ``on_checkpoint(step, model, meta)`` is called on the main process right after each
+    checkpoint is saved, with the model in training mode and ``meta`` the checkpoint's
+    metadata plus ``total_steps`` (live observability, :mod:`nnobs.callback`, hooks in here).
+    """
     mc, tc, out = model_config, train_config, Path(out_dir)
     if tc.seq_len > mc.max_seq_len:
         raise NnobsError(
@@ -448,7 +459,7 @@ def train(
         if device.type == "cuda":
             torch.cuda.set_device(device)
             torch.set_float32_matmul_precision("high")
-        return _run(mc, tc, out, device, dd, progress, overwrite)
+        return _run(mc, tc, out, device, dd, progress, overwrite, on_checkpoint)
     finally:
         if dd.owns_group:
             dist.destroy_process_group()
@@ -462,6 +473,7 @@ def _run(
     dd: _Dist,
     progress: bool,
     overwrite: bool,
+    on_checkpoint: CheckpointHook | None = None,
 ) -> RunResult:
     from tqdm import tqdm
 
@@ -570,6 +582,8 @@ def _run(
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             }
             checkpoint.save_checkpoint(out, step, model, meta, optimizer)
+            if on_checkpoint is not None:
+                on_checkpoint(step, model, {**meta, "step": step, "total_steps": tc.steps})
 
     objective = _Objective(model)
     if dd.world > 1:
