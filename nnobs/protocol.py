@@ -40,7 +40,7 @@ import torch
 import nnobs
 from nnobs import stats
 from nnobs.adapter import ModelAdapter
-from nnobs.capture import Capture, capture, make_windows
+from nnobs.capture import Capture, Windows, capture, make_windows
 from nnobs.data import Corpus, Document, encode_documents, load_corpus
 from nnobs.errors import NnobsError
 from nnobs.probes import LinearProbe, LossMLP, NonlinearControl, RandomHead
@@ -148,34 +148,52 @@ def _window_length(adapter: ModelAdapter, requested: int | None) -> int:
     return int(min(context or 256, 256))
 
 
+def split_windows(
+    adapter: ModelAdapter, docs: dict[str, list[Document]], settings: ObserveSettings
+) -> dict[str, Windows]:
+    """Each split's token windows at the token budget (ex_per_dim × d_model tokens).
+
+    They depend on the tokenizer, width and context only, so checkpoints of one run share them.
+    """
+    if adapter.tokenizer is None:
+        raise NnobsError("the model has no tokenizer; load it from a directory that has one")
+    budget = settings.ex_per_dim * adapter.d_model
+    seq_len = _window_length(adapter, settings.seq_len)
+    return {
+        split: make_windows(
+            encode_documents(split_docs, adapter.tokenizer),
+            seq_len,
+            max_tokens=budget,
+            seed=settings.window_seed,
+            split=split,
+        )
+        for split, split_docs in docs.items()
+    }
+
+
 def capture_splits(
     adapter: ModelAdapter,
     docs: dict[str, list[Document]],
     sites: list[str],
     settings: ObserveSettings,
-    work_dir: Path,
+    work_dir: Path | None,
     progress: bool,
     label: str = "",
+    windows: dict[str, Windows] | None = None,
 ) -> dict[str, SplitData]:
-    """Capture ``sites`` on each split at the token budget (ex_per_dim × d_model tokens)."""
-    if adapter.tokenizer is None:
-        raise NnobsError("the model has no tokenizer; load it from a directory that has one")
-    budget = settings.ex_per_dim * adapter.d_model
-    seq_len = _window_length(adapter, settings.seq_len)
+    """Capture ``sites`` on each split (windows from :func:`split_windows` unless given);
+    ``work_dir`` None keeps the arrays in memory."""
+    windows = windows if windows is not None else split_windows(adapter, docs, settings)
     dtype = np.float16 if settings.store_dtype == "float16" else np.float32
     out = {}
-    for split, split_docs in docs.items():
-        tokens = encode_documents(split_docs, adapter.tokenizer)
-        windows = make_windows(
-            tokens, seq_len, max_tokens=budget, seed=settings.window_seed, split=split
-        )
+    for split in docs:
         cap = capture(
             adapter,
-            windows,
+            windows[split],
             sites,
             batch_size=settings.batch_size,
             dtype=dtype,
-            directory=work_dir / f"{label}{split}",
+            directory=None if work_dir is None else work_dir / f"{label}{split}",
             progress=progress,
             desc=f"capture {label}{split}",
         )
