@@ -12,11 +12,13 @@ import os
 import tomllib
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nnobs.config import ModelConfig
 from nnobs.errors import NnobsError
-from nnobs.train import TrainConfig
+
+if TYPE_CHECKING:
+    from nnobs.train import TrainConfig
 
 PRESET_DIR = Path(__file__).parent / "presets"
 SECTIONS = ("model", "train")
@@ -75,6 +77,8 @@ def parse_override(text: str) -> tuple[str, str, Any]:
 def build_configs(
     tables: dict[str, Any], overrides: Iterable[str] = ()
 ) -> tuple[ModelConfig, TrainConfig]:
+    from nnobs.train import TrainConfig  # imports torch: only once a run is being built
+
     tables = {s: dict(tables.get(s, {})) for s in SECTIONS}
     for text in overrides:
         section, name, value = parse_override(text)

@@ -1,0 +1,1 @@
+"""Subcommands of the ``nnobs`` command line, one module each (see :mod:`nnobs.cli`)."""
