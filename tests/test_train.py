@@ -217,3 +217,37 @@ def test_input_checks(tmp_path):
     with pytest.raises(NnobsError, match="fewer than one window"):
         train(MC, TC.replace(max_chars=300), tmp_path, progress=False)
     assert not any(tmp_path.iterdir())  # nothing half-written
+
+
+@pytest.mark.slow
+def test_sigkill_at_any_moment_then_resume_is_bit_identical(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    argv = [sys.executable, "-m", "nnobs", "train", "--preset", "tiny", "--no-progress",
+            "--set", "train.steps=30", "--set", "train.max_chars=60000",
+            "--set", "train.first_checkpoint=2", "--set", "train.checkpoint_every=4"]  # fmt: skip
+    env = {**os.environ, "NNOBS_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    subprocess.run([*argv, "--out", str(tmp_path / "full")], env=env, check=True)
+    out = tmp_path / "killed"
+    for delay in (0.0, 0.7):  # killed twice, at different points after a checkpoint exists
+        proc = subprocess.Popen([*argv, "--out", str(out)], env=env)
+        while proc.poll() is None:
+            done = checkpoint.list_checkpoints(out)
+            if done and done[-1][0] > 0:
+                break
+            time.sleep(0.02)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    killed_at = checkpoint.list_checkpoints(out)[-1][0]
+    assert 0 < killed_at < 30
+    subprocess.run([*argv, "--out", str(out)], env=env, check=True)
+    assert_same_weights(weights(tmp_path / "full"), weights(out))
+    steps = [r["step"] for r in read_metrics(out)]
+    assert steps == [r["step"] for r in read_metrics(tmp_path / "full")]
+    assert steps == sorted(set(steps))  # no duplicates after the resumes

@@ -1,0 +1,41 @@
+"""Data-parallel training on CPU: two gloo processes see the data one process would."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import safetensors.torch
+import torch
+
+from nnobs import checkpoint
+from nnobs.train import read_metrics
+
+ARGS = ["train", "--preset", "tiny", "--no-progress", "--set", "train.steps=30",
+        "--set", "train.max_chars=60000", "--set", "train.device='cpu'"]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_match_one(tmp_path):
+    env = {**os.environ, "NNOBS_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run(
+        [sys.executable, "-m", "nnobs", *ARGS, "--out", str(one)], env=env, check=True
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "nnobs.cli", *ARGS, "--out", str(two)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("step 30, val loss") == 1  # only rank 0 reports
+    val_one = read_metrics(one)[-1]["val_loss"]
+    val_two = read_metrics(two)[-1]["val_loss"]
+    assert abs(val_one - val_two) < 1e-3, (val_one, val_two)
+    assert [r["step"] for r in read_metrics(one)] == [r["step"] for r in read_metrics(two)]
+    a, b = (
+        safetensors.torch.load_file(str(checkpoint.resolve_checkpoint(d) / "model.safetensors"))
+        for d in (one, two)
+    )
+    for name in a:  # the same updates up to float summation order
+        assert torch.allclose(a[name], b[name], atol=1e-4), name
