@@ -456,8 +456,8 @@ def train(
                 )
             if device.type == "cuda":
                 device = torch.device("cuda", dd.local_rank)
+                torch.cuda.set_device(device)
         if device.type == "cuda":
-            torch.cuda.set_device(device)
             torch.set_float32_matmul_precision("high")
         return _run(mc, tc, out, device, dd, progress, overwrite, on_checkpoint)
     finally:
