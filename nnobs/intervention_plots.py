@@ -9,6 +9,12 @@ import numpy as np
 from nnobs.plots import _save, plt
 
 
+def _label(token: str) -> str:
+    """A token as a tick label: spaces shown as ␣, newlines and control characters escaped."""
+    shown = "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in token)
+    return shown.replace(" ", "\u2423")
+
+
 def _grid(rows: list[list[float | None]]) -> np.ndarray:
     return np.array([[np.nan if v is None else v for v in row] for row in rows], dtype=float)
 
@@ -16,7 +22,7 @@ def _grid(rows: list[list[float | None]]) -> np.ndarray:
 def patching_heatmap(doc: dict, sweep: dict, path: str | Path) -> Path:
     """Normalised patching effect of one sweep: units (rows) × positions (columns)."""
     effect = _grid(sweep["effect"])
-    labels = [repr(t)[1:-1] for t in sweep["position_labels"]] or ["all positions"]
+    labels = [_label(t) for t in sweep["position_labels"]] or ["all positions"]
     width = max(4.0, 0.45 * effect.shape[1] + 2.5)
     height = max(2.5, 0.28 * effect.shape[0] + 1.5)
     fig, ax = plt.subplots(figsize=(width, height))
@@ -29,8 +35,9 @@ def patching_heatmap(doc: dict, sweep: dict, path: str | Path) -> Path:
     source = doc["settings"]["source"]
     base = doc["baseline"]
     ax.set_title(
-        f"{doc['task']['name']}: {sweep['name']} patched from the {source} run "
-        f"({doc['task']['n_items']} items; clean {base['clean_logit_diff']:.2f}, "
+        f"{doc['task']['name']}: {sweep['name']} patched from the {source} run\n"
+        f"({doc['task']['n_items']} items; mean logit difference clean "
+        f"{base['clean_logit_diff']:.2f}, "
         f"corrupted {base['corrupted_logit_diff']:.2f})",
         fontsize=9,
     )
@@ -46,7 +53,7 @@ def attribution_plot(doc: dict, path: str | Path, max_items: int = 6) -> Path:
         colors = np.where(values >= 0, "C3", "C0")
         ax.bar(range(len(values)), values, color=colors)
         ax.axhline(0, color="grey", linewidth=0.5)
-        labels = [repr(t)[1:-1] for t in item["tokens"]]
+        labels = [_label(t) for t in item["tokens"]]
         ax.set_xticks(range(len(values)), labels, fontsize=8)
         error = item["rel_error"]
         gap = f"{error:.2%}" if error is not None else "n/a"

@@ -107,10 +107,10 @@ def logit_diffs(adapter: ModelAdapter, task: EncodedTask, which: str) -> np.ndar
     """The unpatched logit difference of every item's ``clean`` or ``corrupted`` prompt."""
     prompts = task.clean if which == "clean" else task.corrupted
     out = np.empty(len(task))
+    dev = adapter.device
+    correct, incorrect = _ids([task.correct], dev)[0], _ids([task.incorrect], dev)[0]
     for group in task.groups():
-        dev = adapter.device
         logits, _ = adapter.run_with_cache(_ids([prompts[i] for i in group], dev), [])
-        correct, incorrect = _ids([task.correct], dev)[0], _ids([task.incorrect], dev)[0]
         out[group] = _logit_diff(logits, correct[group], incorrect[group]).cpu().numpy()
     return out
 
@@ -137,10 +137,12 @@ def patched_run(
     _, cache = adapter.run_with_cache(src_ids, sites)
     edits: dict = {}
     for unit, pos in patches:
-        aligned = cache[unit.site][:, pmap.clamp(min=0)]
-        positions = valid if pos is None else [pos]
+        if pos is not None and not -len(pmap) <= pos < len(pmap):
+            raise NnobsError(f"position {pos} is out of range for a prompt of {len(pmap)} tokens")
         if pos is not None and pmap[pos] < 0:
             continue  # no source position to patch from
+        aligned = cache[unit.site][:, pmap.clamp(min=0)]
+        positions = valid if pos is None else [pos]
         heads = None if unit.head is None else (unit.head,)
         target = make_target(adapter, unit.site, positions=positions, heads=heads)
         edits.setdefault(unit.site, []).append(replace_edit(target, aligned))
@@ -153,10 +155,10 @@ class PatchArrays:
     """Per-item logit differences of a sweep: ``patched`` is (items, units, positions)."""
 
     units: list[Unit]
-    positions: list[int]  # absolute positions, or end-aligned offsets (-m..-1) when lengths vary
-    position_labels: list[
-        str
-    ]  # the first item's tokens there ("clean/corrupted" where they differ)
+    # Absolute positions, or end-aligned offsets (-m..-1) when prompt lengths vary, and the
+    # first item's tokens there ("clean/corrupted" where the two differ).
+    positions: list[int]
+    position_labels: list[str]
     per_position: bool
     clean: np.ndarray
     corrupted: np.ndarray
