@@ -60,7 +60,12 @@ TOKENIZER_KINDS = ("bpe", "byte")
 # Fields that do not change what a run computes: a run may resume with them changed.
 _RESUMABLE_CHANGES = frozenset({"device"})
 # Entries a run directory may hold; anything else in OUT means it is not ours to write into.
-_RUN_ENTRIES = frozenset({"run.json", "tokenizer.json", "metrics.jsonl", "checkpoints"})
+# The last three are results computed from the run (observe, trajectory, report), which
+# --overwrite clears with it since they describe the old weights.
+_RUN_ENTRIES = frozenset(
+    {"run.json", "tokenizer.json", "metrics.jsonl", "checkpoints"}
+    | {"observe", "trajectory", "report"}
+)
 
 
 @dataclass
