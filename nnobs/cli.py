@@ -16,7 +16,11 @@ from collections.abc import Sequence
 from nnobs import __version__
 from nnobs.errors import NnobsError
 
-COMMAND_MODULES = ["nnobs.commands.train", "nnobs.commands.interventions"]
+COMMAND_MODULES = [
+    "nnobs.commands.train",
+    "nnobs.commands.observe",
+    "nnobs.commands.interventions",
+]
 
 DESCRIPTION = """\
 Observability of transformers: train small models with controlled architecture choices

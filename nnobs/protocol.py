@@ -65,7 +65,7 @@ class ObserveSettings:
     sweep_seed: int = 42
     seeds: list[int] = field(default_factory=lambda: list(range(43, 50)))
     flag_rates: list[float] = field(default_factory=lambda: [0.05, 0.10, 0.20, 0.30])
-    n_boot: int = 500
+    n_boot: int = 1000
     random_heads: int = 100
     random_init_floor: bool = True
     store_dtype: str = "float16"
@@ -148,10 +148,28 @@ def _window_length(adapter: ModelAdapter, requested: int | None) -> int:
     return int(min(context or 256, 256))
 
 
+def document_spans(tokens: list[np.ndarray], max_tokens: int, seed: int) -> list[np.ndarray]:
+    """A seeded random contiguous span of at most ``max_tokens`` scored tokens per document.
+
+    Spreads a small token budget over many documents (more independent clusters for the
+    bootstrap) without favouring their openings (licence headers, imports).
+    """
+    out = []
+    for i, ids in enumerate(tokens):
+        extra = len(ids) - (max_tokens + 1)
+        start = int(np.random.default_rng([seed, i]).integers(0, extra + 1)) if extra > 0 else 0
+        out.append(ids[start : start + max_tokens + 1])
+    return out
+
+
 def split_windows(
-    adapter: ModelAdapter, docs: dict[str, list[Document]], settings: ObserveSettings
+    adapter: ModelAdapter,
+    docs: dict[str, list[Document]],
+    settings: ObserveSettings,
+    max_doc_tokens: int | None = None,
 ) -> dict[str, Windows]:
-    """Each split's token windows at the token budget (ex_per_dim × d_model tokens).
+    """Each split's token windows at the token budget (ex_per_dim × d_model tokens), with at
+    most ``max_doc_tokens`` from any one document (a random span of it) when given.
 
     They depend on the tokenizer, width and context only, so checkpoints of one run share them.
     """
@@ -159,9 +177,16 @@ def split_windows(
         raise NnobsError("the model has no tokenizer; load it from a directory that has one")
     budget = settings.ex_per_dim * adapter.d_model
     seq_len = _window_length(adapter, settings.seq_len)
+
+    def tokens(split_docs: list[Document]) -> list[np.ndarray]:
+        ids = encode_documents(split_docs, adapter.tokenizer)
+        if max_doc_tokens is None:
+            return ids
+        return document_spans(ids, max_doc_tokens, settings.window_seed)
+
     return {
         split: make_windows(
-            encode_documents(split_docs, adapter.tokenizer),
+            tokens(split_docs),
             seq_len,
             max_tokens=budget,
             seed=settings.window_seed,
@@ -237,18 +262,12 @@ def ensemble_score(probes: list[LinearProbe], X: np.ndarray) -> np.ndarray:
     return np.mean([_standardised(p.decision_function(X)) for p in probes], axis=0)
 
 
-def ci(statistic: Callable[..., float], *arrays, groups, settings: ObserveSettings) -> list[float]:
-    lo, hi = stats.bootstrap_ci(statistic, *arrays, n_boot=settings.n_boot, groups=groups)
+def ci(score: np.ndarray, data: SplitData, covariates: np.ndarray, n_boot: int) -> list[float]:
+    """95% cluster-bootstrap interval (documents resampled) of a controlled pcorr."""
+    lo, hi = stats.partial_spearman_ci(
+        score, data.cap.loss, covariates, n_boot=n_boot, groups=data.cap.doc_ids
+    )
     return [lo, hi]
-
-
-def _pcorr_with(covariates: np.ndarray) -> Callable[[np.ndarray, np.ndarray, np.ndarray], float]:
-    del covariates  # signature documentation only: the bootstrap passes resampled columns
-
-    def statistic(score, loss, cov):
-        return stats.partial_spearman(score, loss, cov)
-
-    return statistic
 
 
 def hand_statistics(X: np.ndarray) -> dict[str, np.ndarray]:
@@ -347,7 +366,7 @@ def observe(
             X_test = test.acts(site)
             per_seed = [pcorr(p.decision_function(X_test), test, site) for p in probes]
             score = ensemble_score(probes, X_test)
-            loss, groups = test.cap.loss, test.cap.doc_ids
+            loss = test.cap.loss
             standard = test.covariates(site)
             headline = {
                 "layer": layer,
@@ -358,9 +377,7 @@ def observe(
                 "mean": float(np.mean(per_seed)),
                 "std": float(np.std(per_seed, ddof=1)),
                 "ensemble": pcorr(score, test, site),
-                "ensemble_ci95": ci(
-                    _pcorr_with(standard), score, loss, standard, groups=groups, settings=settings
-                ),
+                "ensemble_ci95": ci(score, test, standard, settings.n_boot),
             }
 
         with clock.stage("output_control"):
@@ -377,9 +394,7 @@ def observe(
                     for p in probes
                 ],
                 "ensemble": stats.partial_spearman(score, loss, with_oc),
-                "ensemble_ci95": ci(
-                    _pcorr_with(with_oc), score, loss, with_oc, groups=groups, settings=settings
-                ),
+                "ensemble_ci95": ci(score, test, with_oc, settings.n_boot),
             }
             output_controlled["mean"] = float(np.mean(output_controlled["per_seed"]))
 
@@ -506,37 +521,58 @@ def detection_floor(
     progress: bool,
     log: Callable[[str], None],
 ) -> dict:
-    """pcorr where no signal can exist: random heads on this model, and trained probes on a
-    randomly initialised model of the same architecture. The floor is the 95% quantile of the
-    pooled null values (absolute values: a null can come out negative as easily as positive).
-    """
-    nulls = {"random_head": list(np.abs(baselines["random_head"]["values"]))}
-    random_init = None
-    if settings.random_init_floor:
-        log("detection floor: random-init model")
-        from nnobs.adapter import random_init_like
+    """pcorr where no learned signal can exist: the same architecture, randomly initialised.
 
-        fresh = random_init_like(adapter, seed=0)
-        null_docs = {"train": docs["train"], "validation": docs["validation"]}
-        data = capture_splits(
-            fresh, null_docs, list(sites.values()), settings, work_dir, progress, "random-init-"
+    Probes are trained at every layer of the random-init model exactly as on the real one (the
+    sweep seed and every multi-seed seed), and random heads are read there too. The floor is the
+    95% quantile of the absolute null values: a null comes out negative as easily as positive.
+    Random heads on the *trained* model are a baseline, not a null (a random readout of a
+    trained representation can carry signal), and are reported under ``baselines``.
+    """
+    if not settings.random_init_floor:
+        values = np.abs(baselines["random_head"]["values"])
+        summary = stats.detection_floor(values)
+        return {
+            "value": summary["floor"],
+            "quantile": summary["quantile"],
+            "n_null": summary["n"],
+            "source": "random heads on the trained model (random-init floor skipped)",
+            "random_init": None,
+        }
+    log("detection floor: random-init model")
+    from nnobs.adapter import random_init_like
+
+    fresh = random_init_like(adapter, seed=0)
+    null_docs = {"train": docs["train"], "validation": docs["validation"]}
+    data = capture_splits(
+        fresh, null_docs, list(sites.values()), settings, work_dir, progress, "random-init-"
+    )
+    train, val = data["train"], data["validation"]
+    per_layer, nulls = {}, []
+    for layer, site in sites.items():
+        seeds = [settings.sweep_seed, *settings.seeds]
+        probes = [
+            fit_probe(train, site, seed, seed != settings.sweep_seed, str(fresh.device))
+            for seed in seeds
+        ]
+        values = [pcorr(p.decision_function(val.acts(site)), val, site) for p in probes]
+        heads = np.column_stack(
+            [RandomHead(seed=s).decision_function(val.acts(site)) for s in range(20)]
         )
-        values = {}
-        for layer, site in sites.items():
-            probe = fit_probe(data["train"], site, settings.sweep_seed, False, str(fresh.device))
-            score = probe.decision_function(data["validation"].acts(site))
-            values[layer] = pcorr(score, data["validation"], site)
-        random_init = {"split": "validation", "per_layer": values}
-        nulls["random_init"] = [abs(v) for v in values.values()]
-        del fresh
-    pooled = np.concatenate([np.asarray(v, dtype=float) for v in nulls.values()])
-    summary = stats.detection_floor(pooled)
+        head_values = stats.partial_spearman_many(heads, val.cap.loss, val.covariates(site))
+        per_layer[layer] = {
+            "probe_pcorr": values,
+            "random_head_mean_abs": float(np.abs(head_values).mean()),
+        }
+        nulls.extend(np.abs(values))
+        nulls.extend(np.abs(head_values))
+    summary = stats.detection_floor(np.asarray(nulls))
     return {
         "value": summary["floor"],
         "quantile": summary["quantile"],
         "n_null": summary["n"],
-        "random_head_abs_q95": float(np.quantile(nulls["random_head"], 0.95)),
-        "random_init": random_init,
+        "source": "probes (all seeds) and 20 random heads per layer on a random-init model",
+        "random_init": {"split": "validation", "tokens": val.n, "per_layer": per_layer},
     }
 
 

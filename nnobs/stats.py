@@ -267,6 +267,49 @@ def bootstrap_ci(
     return float(lo), float(hi)
 
 
+def partial_spearman_ci(
+    x: np.ndarray,
+    y: np.ndarray,
+    covariates: np.ndarray | None = None,
+    *,
+    n_boot: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    groups: np.ndarray | None = None,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of :func:`partial_spearman`, fast enough for every layer.
+
+    Every variable is ranked once on the full sample; each resample then costs one least-squares
+    fit of the resampled rank rows. Within-resample ranks are a monotone, near-linear function
+    of the full-sample ranks when n is large, so this matches re-ranking each resample to well
+    under the interval's own Monte-Carlo error (checked in the tests) at a fraction of the cost.
+    ``groups`` resamples whole groups (documents), as :func:`bootstrap_ci` does.
+    """
+    x = as_vector("x", x)
+    n = len(x)
+    y = as_vector("y", y, n)
+    if n_boot < 2:
+        raise NnobsError(f"n_boot must be at least 2, got {n_boot}")
+    if not 0 < confidence < 1:
+        raise NnobsError(f"confidence must be in (0, 1), got {confidence}")
+    partial_spearman(x, y, covariates)  # validates the inputs once, with clear errors
+    cov = np.zeros((n, 0)) if covariates is None else rank(as_covariates(covariates, n))
+    table = np.column_stack([rank(x), rank(y), cov, np.ones(n)])
+    draw = bootstrap_sampler(n, groups)
+    rng = np.random.default_rng(seed)
+    values = np.empty(n_boot)
+    for b in range(n_boot):
+        rows = table[draw(rng)]
+        design = rows[:, 2:]
+        coef, *_ = np.linalg.lstsq(design, rows[:, :2], rcond=None)
+        resid = rows[:, :2] - design @ coef
+        norms = np.linalg.norm(resid, axis=0)
+        values[b] = resid[:, 0] @ resid[:, 1] / (norms[0] * norms[1]) if norms.all() else 0.0
+    alpha = (1 - confidence) / 2
+    lo, hi = np.percentile(values, [100 * alpha, 100 * (1 - alpha)])
+    return float(lo), float(hi)
+
+
 def seed_agreement(scores: Sequence[np.ndarray]) -> float:
     """Mean pairwise Spearman correlation between seeds' score vectors on the same rows."""
     if len(scores) < 2:

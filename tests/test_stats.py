@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
+from nnobs import stats
 from nnobs.errors import NnobsError
 from nnobs.stats import (
     LossResidualizer,
@@ -177,3 +178,16 @@ def test_flag_catches_counts():
     assert r30["n_high_loss"] == 5
     with pytest.raises(NnobsError, match="flag rates"):
         flag_catches(score, conf, loss, rates=(1.5,))
+
+
+def test_rank_once_bootstrap_matches_re_ranking_every_resample():
+    rng = np.random.default_rng(0)
+    n = 4000
+    z = rng.standard_normal(n)
+    x = z + rng.standard_normal(n)
+    y = 0.3 * x + z + rng.standard_normal(n)
+    groups = np.arange(n) // 40
+    fast = stats.partial_spearman_ci(x, y, z, n_boot=400, groups=groups, seed=1)
+    slow = stats.bootstrap_ci(stats.partial_spearman, x, y, z, n_boot=400, groups=groups, seed=1)
+    assert fast[0] < stats.partial_spearman(x, y, z) < fast[1]
+    np.testing.assert_allclose(fast, slow, atol=0.01)
