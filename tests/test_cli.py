@@ -153,3 +153,14 @@ def test_keyboard_interrupt_exits_130(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(nnobs.train, "train", interrupted)
     assert main(["train", *FAST, "--out", str(tmp_path / "run")]) == 130
+
+
+def test_every_preset_is_a_valid_run():
+    from nnobs.runconfig import load_run_config, preset_names
+
+    assert {"tiny", "default"} <= set(preset_names())
+    for name in preset_names():
+        model, train = load_run_config(name)
+        assert train.seq_len <= model.max_seq_len, name
+    model, train = load_run_config("tiny", overrides=["model.d_mlp=[8, 16]", "train.lr=1e-3"])
+    assert model.d_mlp == [8, 16] and train.lr == 1e-3
