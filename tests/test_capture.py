@@ -247,3 +247,19 @@ def test_capture_on_gpu_matches_cpu():
     np.testing.assert_allclose(gpu.loss, cpu.loss, rtol=1e-3, atol=1e-4)
     np.testing.assert_allclose(gpu.acts["final"], cpu.acts["final"], rtol=1e-3, atol=1e-4)
     assert gpu.stats["device"].startswith("cuda")
+
+
+def test_masked_vocabulary_entries_do_not_poison_the_entropy():
+    from nnobs.capture import _output_stats
+
+    logits = torch.tensor([[2.0, float("-inf"), 0.5, -1.0], [0.0, 0.0, float("-inf"), 3.0]])
+    targets = torch.tensor([2, 3])
+    loss, top, entropy = _output_stats(logits, targets, None)
+    logp = logits.log_softmax(-1)
+    p = logp.exp()
+    torch.testing.assert_close(loss, -logp[[0, 1], targets])
+    torch.testing.assert_close(top, p.max(-1).values)
+    torch.testing.assert_close(entropy, -torch.where(p > 0, p * logp, 0).sum(-1))
+    # Only the kept rows come back, in order, whichever path computes them.
+    kept = _output_stats(logits, targets, torch.tensor([1]))
+    torch.testing.assert_close(kept[:, 0], torch.stack([loss[1], top[1], entropy[1]]))
