@@ -40,6 +40,7 @@ from torch import nn
 
 import nnobs
 from nnobs.adapter import ModelAdapter, Site, _first
+from nnobs.checkpoint import _first_line
 from nnobs.errors import NnobsError
 
 _LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
@@ -59,11 +60,6 @@ _REPO_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
 
 
 # ----------------------------------------------------------------------------- loading
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _load_config(spec: str, revision: str | None, trust_remote_code: bool):
