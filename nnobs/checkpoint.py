@@ -234,6 +234,7 @@ class LoadedCheckpoint:
             "tokens_seen": self.meta.get("tokens_seen"),
             "nnobs_version": self.meta.get("nnobs_version"),
             "corpus_fingerprint": corpus.get("fingerprint"),
+            "corpus_spec": corpus.get("spec"),
         }
 
 

@@ -123,6 +123,18 @@ def _half(doc: Document) -> int:
     return hashlib.sha256(doc.id.encode()).digest()[0] & 1
 
 
+def model_trained_on(adapter: ModelAdapter, corpus: Corpus) -> bool:
+    """Whether the model's training split is this corpus's training split.
+
+    True for the same content, and for the same spec (a run capped by ``max_chars`` trained on a
+    subset of the same hash-assigned training documents).
+    """
+    prov = adapter.provenance
+    return prov.get("corpus_fingerprint") == corpus.fingerprint or (
+        prov.get("corpus_spec") is not None and prov.get("corpus_spec") == corpus.name
+    )
+
+
 def held_out_splits(corpus: Corpus, model_saw_train: bool) -> tuple[dict[str, list], str]:
     """Documents for the probe's train/validation/test splits, and the policy used."""
     if not model_saw_train:
@@ -308,8 +320,7 @@ def observe(
     last_site = adapter.site_name(adapter.n_layers - 1, "resid_post")
     capture_sites = list(dict.fromkeys([*sites.values(), last_site]))
 
-    trained_on = adapter.provenance.get("corpus_fingerprint")
-    docs, policy = held_out_splits(corpus, trained_on == corpus.fingerprint)
+    docs, policy = held_out_splits(corpus, model_trained_on(adapter, corpus))
     owns_work_dir = work_dir is None
     work_dir = Path(work_dir or tempfile.mkdtemp(prefix="nnobs-capture-"))
     try:

@@ -22,15 +22,15 @@ does not expose."""
 
 
 def _int_list(text: str) -> list[int]:
-    from nnobs.errors import NnobsError
-
     try:
         if "-" in text and "," not in text:
             lo, hi = (int(x) for x in text.split("-"))
             return list(range(lo, hi + 1))
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise NnobsError(f"expected integers like 0,2,5 or 43-49, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected integers like 0,2,5 or 43-49, got {text!r}"
+        ) from None
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
