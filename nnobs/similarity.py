@@ -112,9 +112,9 @@ class _Terms:
         # Song et al. 2012 with K, L of centred data (the estimator is invariant to centring):
         # there 1ᵀK̃1 = -Σkd and K̃1 = -kd, with K̃ the Gram matrix with its diagonal zeroed.
         trace = self.cross - self.skl
-        return (
-            trace + self.skd * self.sld / ((n - 1) * (n - 2)) - 2.0 * self.skl / (n - 2)
-        ) / (n * (n - 3))
+        return (trace + self.skd * self.sld / ((n - 1) * (n - 2)) - 2.0 * self.skl / (n - 2)) / (
+            n * (n - 3)
+        )
 
 
 def _cross_sq(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -133,9 +133,7 @@ def _accumulate(terms: _Terms, x: torch.Tensor, y: torch.Tensor, same: bool) -> 
     terms.skl += float(kd @ ld)
 
 
-def _full_terms(
-    X: np.ndarray, Y: np.ndarray, mx: _Moments, my: _Moments, same: bool
-) -> _Terms:
+def _full_terms(X: np.ndarray, Y: np.ndarray, mx: _Moments, my: _Moments, same: bool) -> _Terms:
     """Terms over all rows, centred by the global means; ``Xcᵀ Yc`` accumulated blockwise."""
     n, d1 = _shape("X", X)
     d2 = _shape("Y", Y)[1]
@@ -303,4 +301,3 @@ def cka_matrix(
                 matrix[i, j] = a.cka(b)
     names_b = list(acts_a if acts_b is None else acts_b)
     return list(acts_a), names_b, matrix
-
