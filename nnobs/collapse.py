@@ -163,9 +163,7 @@ def detect_collapse(
         evidence = p if ci_low is None else _series(f"ci_low[{layer!r}]", ci_low[layer], n)
         if ci_low is not None and np.any(evidence > p):
             raise NnobsError(f"ci_low[{layer!r}] exceeds pcorr at some checkpoint: swapped?")
-        layers.append(
-            _layer_verdict(layer, s, loss, p, evidence, floors, margin, loss_tolerance)
-        )
+        layers.append(_layer_verdict(layer, s, loss, p, evidence, floors, margin, loss_tolerance))
 
     by = {v: [r for r in layers if r["verdict"] == v] for v in VERDICTS}
     erased = sorted(by["erased"], key=lambda r: -r["peak_pcorr"])
