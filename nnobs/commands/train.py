@@ -53,6 +53,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--overwrite", action="store_true", help="discard a different run already in --out"
     )
+    parser.add_argument(
+        "--observe",
+        action="store_true",
+        help="measure observability at each checkpoint while training, within 10%% of the "
+        "training time (writes OUT/trajectory/trajectory.json)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
 
@@ -64,8 +70,18 @@ def run(args: argparse.Namespace) -> int:
     model_config, train_config = load_run_config(args.preset, args.config, args.overrides)
     name = Path(args.config).stem if args.config else (args.preset or "default")
     out = Path(args.out) if args.out else Path("runs") / name
+    callback = None
+    if args.observe:
+        from nnobs.callback import ObservabilityCallback
+
+        callback = ObservabilityCallback(out)
     result = train(
-        model_config, train_config, out, progress=not args.no_progress, overwrite=args.overwrite
+        model_config,
+        train_config,
+        out,
+        progress=not args.no_progress,
+        overwrite=args.overwrite,
+        on_checkpoint=callback,
     )
     if int(os.environ.get("RANK", "0")) == 0:
         val = f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a"
