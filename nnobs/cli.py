@@ -20,6 +20,8 @@ COMMAND_MODULES = [
     "nnobs.commands.train",
     "nnobs.commands.observe",
     "nnobs.commands.interventions",
+    "nnobs.commands.study",
+    "nnobs.commands.report",
 ]
 
 DESCRIPTION = """\
