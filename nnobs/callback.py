@@ -51,8 +51,8 @@ class LiveObserver:
         progress: bool = False,
         log: Callable[[str], None] = lambda _msg: None,
     ) -> None:
-        if not 0 < budget <= 1:
-            raise NnobsError(f"budget is a fraction of training time in (0, 1], got {budget}")
+        if not budget > 0:
+            raise NnobsError(f"budget is a positive fraction of training time, got {budget}")
         if not 0 < min_fraction <= 1:
             raise NnobsError(f"min_fraction must be in (0, 1], got {min_fraction}")
         self.out_path = Path(out_path)

@@ -166,7 +166,16 @@ class TrajectoryObserver:
         self._docs, self._policy = held_out_splits(
             self.corpus, model_trained_on(adapter, self.corpus)
         )
-        self._windows = split_windows(adapter, self._docs, self.settings, self.settings.doc_tokens)
+        try:
+            self._windows = split_windows(
+                adapter, self._docs, self.settings, self.settings.doc_tokens
+            )
+        except NnobsError:
+            if self.settings.doc_tokens is None:
+                raise
+            # Too few documents to fill the budget at doc_tokens each: take whole documents.
+            self._windows = split_windows(adapter, self._docs, self.settings)
+            self._policy += "; too few documents for the doc_tokens cap, so none was applied"
         self._key = key
         self.shared_seconds += time.perf_counter() - start
         return self._windows

@@ -1,0 +1,80 @@
+"""Fixtures shared by the observability-over-training tests: a small Python corpus on disk
+and a tiny run trained on it, both built once per session in seconds."""
+
+import sysconfig
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from nnobs.config import ModelConfig
+from nnobs.train import TrainConfig
+
+TINY_MODEL = ModelConfig(vocab_size=257, d_model=32, n_layers=2, n_heads=4, max_seq_len=64)
+
+
+def tiny_train_config(corpus: Path, **changes) -> TrainConfig:
+    """24 steps, checkpoints at 0, 8, 16 and 24."""
+    base = TrainConfig(
+        corpus=str(corpus), tokenizer="byte", seq_len=64, batch_size=8, steps=24, lr=1e-2,
+        warmup_steps=4, eval_every=8, eval_batches=2, log_every=4, first_checkpoint=8,
+        checkpoint_every=16, device="cpu",
+    )  # fmt: skip
+    return base.replace(**changes)
+
+
+@contextmanager
+def torch_threads(n: int):
+    """Torch on ``n`` threads inside the block, the previous setting restored after it. Tiny
+    tensors run far faster on one thread than on two on a busy machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="session")
+def nnobs_cache(tmp_path_factory):
+    """Token and tokenizer caches in a temporary directory for the whole session."""
+    cache = tmp_path_factory.mktemp("nnobs-cache")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("NNOBS_CACHE", str(cache))
+    yield cache
+    mp.undo()
+
+
+@pytest.fixture(scope="session")
+def python_corpus(tmp_path_factory) -> Path:
+    """300 short real Python files (the first 40 lines of stdlib modules): enough documents
+    that each probe split spans many of them."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(
+        p for p in root.rglob("*.py") if not {"test", "tests", "site-packages"} & set(p.parts)
+    )[:300]
+    out = tmp_path_factory.mktemp("python-corpus")
+    for i, path in enumerate(files):
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()[:40]
+        (out / f"m{i:03d}.py").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return out
+
+
+@pytest.fixture(scope="session")
+def python_run(nnobs_cache, python_corpus, tmp_path_factory) -> Path:
+    """A 2-layer, 32-wide byte-level model trained for 24 steps on ``python_corpus``."""
+    from nnobs.train import train
+
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    with torch_threads(1):
+        train(TINY_MODEL, tiny_train_config(python_corpus), out, progress=False)
+    return out
+
