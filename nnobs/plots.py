@@ -47,7 +47,8 @@ def layer_profile(doc: dict, path: str | Path) -> Path:
     ax.errorbar(
         [doc["layer"]],
         [head["ensemble"]],
-        yerr=[[head["ensemble"] - lo], [hi - head["ensemble"]]],
+        # a percentile interval from few tokens need not contain the estimate
+        yerr=[[max(0.0, head["ensemble"] - lo)], [max(0.0, hi - head["ensemble"])]],
         fmt="*",
         markersize=12,
         capsize=4,
