@@ -250,7 +250,8 @@ class TrajectoryObserver:
             record["tokens"] = {name: split.n for name, split in data.items()}
             record["capture_val_loss"] = float(np.mean(val.cap.loss))
             record["layers"] = self._profile(train, val, sites, device)
-            layer = candidate_layers(record["layers"], adapter.n_layers, s)[0]
+            measured = [r for r in record["layers"] if r["pcorr"] is not None]
+            layer = candidate_layers(measured, adapter.n_layers, s)[0]
             site = sites[layer]
             probes = [fit_probe(train, site, seed, True, device) for seed in s.seeds]
             X = test.acts(site)
@@ -299,21 +300,28 @@ class TrajectoryObserver:
     def _profile(
         self, train: SplitData, val: SplitData, sites: dict[int, str], device: str
     ) -> list[dict[str, Any]]:
-        """Sweep probe per layer: validation pcorr with its cluster-bootstrap CI."""
+        """Sweep probe per layer: validation pcorr with its cluster-bootstrap CI.
+
+        A layer where the statistic is undefined (e.g. a collapsed, constant representation)
+        gets ``pcorr: null`` and the reason; the other layers are still measured.
+        """
         rows = []
         for layer, site in sites.items():
-            probe = fit_probe(train, site, self.settings.sweep_seed, False, device)
-            score = probe.decision_function(val.acts(site))
-            cov = val.covariates(site)
-            rows.append(
-                {
-                    "layer": layer,
-                    "site": site,
-                    "pcorr": pcorr(score, val, site),
-                    "ci95": ci(score, val, cov, self.settings.n_boot),
-                    "spearman": stats.partial_spearman(score, val.cap.loss),
-                }
-            )
+            row: dict[str, Any] = {"layer": layer, "site": site}
+            try:
+                probe = fit_probe(train, site, self.settings.sweep_seed, False, device)
+                score = probe.decision_function(val.acts(site))
+                cov = val.covariates(site)
+                row.update(
+                    pcorr=pcorr(score, val, site),
+                    ci95=ci(score, val, cov, self.settings.n_boot),
+                    spearman=stats.partial_spearman(score, val.cap.loss),
+                )
+            except NnobsError as err:
+                row.update(pcorr=None, ci95=None, spearman=None, note=str(err))
+            rows.append(row)
+        if all(r["pcorr"] is None for r in rows):
+            raise NnobsError(f"no layer could be measured ({rows[0]['note']})")
         return rows
 
     def _attributes(self, adapter: ModelAdapter, sites: dict[int, str]) -> dict[str, Any]:
@@ -382,7 +390,7 @@ class TrajectoryObserver:
             init = {"source": "step 0 checkpoint", **self.records[0]}
         if init is None or init.get("status") == "failed" or "random_head" not in init:
             return None
-        layer_values = np.abs([r["pcorr"] for r in init["layers"]])
+        layer_values = np.abs([r["pcorr"] for r in init["layers"] if r["pcorr"] is not None])
         summary = stats.detection_floor(
             np.concatenate([layer_values, init["random_head"]["abs_values"]])
         )
@@ -445,14 +453,12 @@ class TrajectoryObserver:
                 steps=[r["step"] for r in observed],
                 val_loss=[r[key or "capture_val_loss"] for r in observed],
                 pcorr={
-                    layer["layer"]: [r["layers"][i]["pcorr"] for r in observed]
+                    layer["layer"]: [_signal(r["layers"][i])[0] for r in observed]
                     for i, layer in enumerate(observed[0]["layers"])
                 },
                 floor=floor["value"],
                 ci_low={
-                    layer["layer"]: [
-                        min(r["layers"][i]["ci95"][0], r["layers"][i]["pcorr"]) for r in observed
-                    ]
+                    layer["layer"]: [_signal(r["layers"][i])[1] for r in observed]
                     for i, layer in enumerate(observed[0]["layers"])
                 },
             )
@@ -489,6 +495,15 @@ class TrajectoryObserver:
                 "checkpoints": round(float(sum(seconds)), 3),
             },
         }
+
+
+def _signal(row: dict[str, Any]) -> tuple[float, float]:
+    """(pcorr, CI low) of a layer for collapse detection: an undefined statistic (a constant
+    representation) carries no readable signal and counts as 0; a percentile interval from few
+    documents can sit above its estimate, so its low end is capped there."""
+    if row["pcorr"] is None:
+        return 0.0, 0.0
+    return row["pcorr"], min(row["ci95"][0], row["pcorr"])
 
 
 def _head(windows: Windows, fraction: float) -> Windows:

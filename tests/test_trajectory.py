@@ -163,3 +163,34 @@ def test_collapse_is_read_from_the_records(python_corpus, series, verdict):
     if verdict == "erased":
         assert doc["collapse"]["layer"] == 1 and doc["collapse"]["collapse_step"] == 30
         assert doc["collapse"]["peak_step"] == 10
+
+
+def test_a_constant_layer_is_recorded_as_undefined_not_fatal():
+    from nnobs.capture import Capture
+    from nnobs.data import Corpus
+    from nnobs.protocol import SplitData
+
+    rng = np.random.default_rng(0)
+    n = 400
+    hidden = rng.standard_normal(n)
+    loss = np.exp(rng.standard_normal(n)) + hidden
+    acts = {
+        "blocks.0.resid_post": (np.outer(hidden, np.ones(8)) + rng.standard_normal((n, 8))),
+        "blocks.1.resid_post": np.ones((n, 8)),  # a collapsed representation
+    }
+
+    def split():
+        cap = Capture(
+            loss=loss, max_softmax=rng.uniform(0.1, 0.9, n), entropy=rng.uniform(0, 1, n),
+            doc_ids=np.arange(n) // 20, acts={k: v.astype(np.float32) for k, v in acts.items()},
+            norms={k: np.linalg.norm(v, axis=1) + rng.uniform(0, 1e-3, n) for k, v in acts.items()},
+            stats={},
+        )  # fmt: skip
+        return SplitData("x", cap)
+
+    with TrajectoryObserver(Corpus("x", {}, [], [], []), settings()) as observer:
+        rows = observer._profile(
+            split(), split(), {0: "blocks.0.resid_post", 1: "blocks.1.resid_post"}, "cpu"
+        )
+    assert rows[0]["pcorr"] > 0.3 and rows[0]["ci95"][0] > 0.2
+    assert rows[1]["pcorr"] is None and rows[1]["ci95"] is None and "constant" in rows[1]["note"]
