@@ -91,7 +91,7 @@ def _step_axis(ax, steps: list[int]) -> None:
     if positive:
         ax.set_xscale("symlog", linthresh=positive[0], linscale=0.5)
     ticks = sorted(set(steps))[:: max(1, len(set(steps)) // 10)]
-    ax.set_xticks(ticks, [str(t) for t in ticks], fontsize=8)
+    ax.set_xticks(ticks, [str(t) for t in ticks], fontsize=8, rotation=45)
     ax.xaxis.set_minor_locator(NullLocator())
     ax.set_xlabel("training step")
 

@@ -127,11 +127,26 @@ def _verdict_span(verdict: str | None) -> str:
 
 def variant_verdict_text(v: dict) -> str:
     """One sentence on what happened to the signal in this variant, with its numbers."""
-    final, runs = v["final_pcorr"], v["runs"]
+    return _verdict_sentence(v) + _unlearned(v)
+
+
+def _unlearned(v: dict) -> str:
+    """A warning when the variant's models never got past token frequencies: whatever its
+    probes read, it is not a trained model's signal."""
+    loss, unigram = v["final_val_loss"]["mean"], v.get("unigram_loss")
+    if loss is None or unigram is None or loss < unigram - 0.05:
+        return ""
+    return (
+        f" Its models did not learn beyond token frequencies (validation loss {loss:.3f}, "
+        f"unigram baseline {unigram:.3f})."
+    )
+
+
+def _verdict_sentence(v: dict) -> str:
+    final, runs, verdict = v["final_pcorr"], v["runs"], v["verdict"]
     n, counts = len(runs), v["verdict_counts"]
     floor = f"floor {v['floor']:.3f}" if v.get("floor") is not None else "no floor"
     numbers = f"final pcorr {_f(final['mean'])} {_ci(final['ci95'])} ({floor})"
-    verdict = v["verdict"]
     if verdict == "retained":
         return f"Keeps the signal in {counts['retained']}/{n} seeds: {numbers}."
     if verdict == "erased":

@@ -434,6 +434,7 @@ def run_entry(seed: int, run_dir: Path, study_dir: Path, doc: dict, outcome: dic
             "val_loss": final["val_loss"],
         },
         "peak_pcorr": max(r["best"]["ensemble"] for r in observed),
+        "unigram_loss": (doc.get("run") or {}).get("unigram_baseline_loss"),
         "floor": (doc.get("floor") or {}).get("value"),
         "collapse": {
             k: collapse.get(k) for k in ("verdict", "reason", "layer", "collapse_step", "peak_step")
@@ -504,6 +505,7 @@ def variant_summary(name: str, runs: list[dict], config: ModelConfig, variant: V
             "ci95": t_interval([r["final"]["val_loss"] for r in runs]),
         },
         "floor": _mean([r["floor"] for r in runs]),
+        "unigram_loss": _mean([r["unigram_loss"] for r in runs]),
         "verdict": verdict,
         "verdict_counts": counts,
         "aggregate": {

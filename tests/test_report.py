@@ -155,6 +155,7 @@ def test_verdict_sentences():
         return {
             "verdict": verdict, "verdict_counts": counts, "runs": list(runs), "floor": 0.05,
             "final_pcorr": {"mean": 0.2, "ci95": [0.1, 0.3]},
+            "final_val_loss": {"mean": 4.5, "ci95": None}, "unigram_loss": 6.0,
         }  # fmt: skip
 
     assert variant_verdict_text(variant("retained", {"retained": 3}, [{}] * 3)).startswith(
@@ -167,6 +168,12 @@ def test_verdict_sentences():
     assert "never rose above" in variant_verdict_text(variant("never_formed", {"never_formed": 2}))
     mixed = variant("mixed", {"retained": 1, "erased": 1}, [{}, {}])
     assert variant_verdict_text(mixed).startswith("Seeds disagree (retained 1, erased 1)")
+    assert "token frequencies" not in variant_verdict_text(mixed)
+    mixed["final_val_loss"]["mean"] = 5.98  # no better than the unigram baseline
+    assert variant_verdict_text(mixed).endswith(
+        "Its models did not learn beyond token frequencies (validation loss 5.980, unigram "
+        "baseline 6.000)."
+    )
 
 
 @pytest.mark.skipif(
