@@ -24,18 +24,21 @@ seeds, as the reference's do; the test split is scored by all evaluation seeds s
 mean is comparable with nnobs's. The reference has no bootstrap intervals and no detection
 floor, so neither is run here.
 
-Mini-batches are slices of a per-epoch permutation (the sampling ``DataLoader(shuffle=True)``
-performs) rather than a ``DataLoader`` over a ``TensorDataset``, which fetches and collates
-rows one at a time: the real reference is slower than this, never faster.
+By default (``loader="slices"``) mini-batches are slices of a per-epoch permutation, the
+sampling ``DataLoader(shuffle=True)`` performs, and probes are
+:class:`~nnobs.probes.ReferenceAdamProbe`: the reference's method without its loader's cost.
+``loader="dataloader"`` runs the reference's own loop, ``nn.Linear`` under the global seed and
+a ``DataLoader`` over a ``TensorDataset``, which fetches and collates rows one at a time.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
 
 from nnobs import stats
 from nnobs.adapter import ModelAdapter
@@ -98,20 +101,74 @@ def collect(
     return SplitData(name, cap)
 
 
-def train_probe(train: SplitData, site: str, seed: int, device: str) -> ReferenceAdamProbe:
+LOADERS = ("slices", "dataloader")
+
+
+def epochs_of_batches(
+    X: torch.Tensor, y: torch.Tensor, batch_size: int, epochs: int, gen, loader: str
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Mini-batches for ``epochs`` passes over ``(X, y)``, each pass in a fresh random order.
+
+    ``slices``: slices of a per-epoch permutation. ``dataloader``: the reference's own
+    ``DataLoader(TensorDataset(X, y), shuffle=True)``, which fetches and collates rows one at a
+    time (same sampling, much slower).
+    """
+    if loader == "dataloader":
+        batches = DataLoader(
+            TensorDataset(X, y), batch_size=batch_size, shuffle=True, generator=gen
+        )
+        for _ in range(epochs):
+            yield from batches
+        return
+    for _ in range(epochs):
+        perm = torch.randperm(len(X), generator=gen).to(X.device)
+        for a in range(0, len(X), batch_size):
+            idx = perm[a : a + batch_size]
+            yield X[idx], y[idx]
+
+
+def train_probe(
+    train: SplitData, site: str, seed: int, device: str, loader: str = "slices"
+) -> ReferenceAdamProbe:
     """A fresh Adam probe on all training tokens, labelled by the loss residual's sign."""
+    X, y = train.acts(site), residual_labels(train, site)
     probe = ReferenceAdamProbe(seed=seed, device=device)
-    return probe.fit(train.acts(site), residual_labels(train, site))
+    if loader == "slices":
+        return probe.fit(X, y)
+    # The reference's own loop: nn.Linear's initialisation under the seed, a DataLoader.
+    dev = torch.device(device)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        head = torch.nn.Linear(X.shape[1], 1).to(dev)
+    opt = torch.optim.Adam(head.parameters(), lr=probe.lr, weight_decay=probe.l2)
+    Xt, yt = torch.as_tensor(X), torch.as_tensor(y, dtype=torch.float32)
+    for bx, by in epochs_of_batches(Xt, yt, probe.batch_size, probe.epochs, gen, loader):
+        loss = F.binary_cross_entropy_with_logits(head(bx.to(dev)).squeeze(-1), by.to(dev))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    probe.coef_ = head.weight.detach()[0].double().cpu().numpy()
+    probe.intercept_ = float(head.bias.detach())
+    return probe
 
 
 def train_mlp(
-    X: np.ndarray, y: np.ndarray, seed: int, device: str, epochs: int = 20, batch_size: int = 1024
+    X: np.ndarray,
+    y: np.ndarray,
+    seed: int,
+    device: str,
+    loader: str = "slices",
+    epochs: int = 20,
+    batch_size: int = 1024,
 ) -> Callable[[np.ndarray], np.ndarray]:
     """MLP in→64→1 (ReLU) regressing ``y`` on raw ``X``: Adam lr 1e-3, weight decay 1e-4, MSE,
     a fixed number of epochs. Returns its prediction function."""
     dev = torch.device(device)
-    Xt = torch.as_tensor(np.asarray(X, dtype=np.float32), device=dev)
-    yt = torch.as_tensor(np.asarray(y, dtype=np.float32), device=dev)
+    Xt = torch.as_tensor(np.asarray(X, dtype=np.float32))
+    yt = torch.as_tensor(np.asarray(y, dtype=np.float32))
+    if loader == "slices":  # the whole set on the device once; a DataLoader moves batches
+        Xt, yt = Xt.to(dev), yt.to(dev)
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -119,14 +176,11 @@ def train_mlp(
             torch.nn.Linear(Xt.shape[1], 64), torch.nn.ReLU(), torch.nn.Linear(64, 1)
         ).to(dev)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3, weight_decay=1e-4)
-    for _ in range(epochs):
-        perm = torch.randperm(len(Xt), generator=gen).to(dev)
-        for a in range(0, len(Xt), batch_size):
-            idx = perm[a : a + batch_size]
-            loss = F.mse_loss(net(Xt[idx]).squeeze(-1), yt[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+    for bx, by in epochs_of_batches(Xt, yt, batch_size, epochs, gen, loader):
+        loss = F.mse_loss(net(bx.to(dev)).squeeze(-1), by.to(dev))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
     net.eval()
 
     def predict(Z: np.ndarray) -> np.ndarray:
@@ -143,15 +197,19 @@ def reference_observe(
     settings: ObserveSettings | None = None,
     domain2_windows: dict[str, Windows] | None = None,
     log: Callable[[str], None] = lambda _msg: None,
+    loader: str = "slices",
 ) -> dict:
     """Run the protocol the reference's way on ``windows`` (train/validation/test).
 
-    ``domain2_windows`` (train/test of a second corpus) adds the cross-domain step. Returns
+    ``domain2_windows`` (train/test of a second corpus) adds the cross-domain step. ``loader``
+    picks how probes and MLPs draw mini-batches (see :func:`epochs_of_batches`). Returns
     plain numbers shaped like the matching parts of :func:`nnobs.protocol.observe`'s result,
     plus ``timings_s`` (stage → seconds; ``capture`` sums every forward pass),
     ``forward_passes`` and the seed-``sweep_seed`` probe of every layer (``sweep_probes``).
     """
     settings = settings or ObserveSettings()
+    if loader not in LOADERS:
+        raise NnobsError(f"loader must be one of {', '.join(LOADERS)}, got {loader!r}")
     if set(windows) != {"train", "validation", "test"}:
         raise NnobsError("reference_observe needs windows for train, validation and test")
     clock = Stopwatch()
@@ -175,7 +233,7 @@ def reference_observe(
         log(f"sweep: layer {layer}")
         train, val = gather("train", [site]), gather("validation", [site])
         with clock.stage("sweep"):
-            probe = train_probe(train, site, settings.sweep_seed, device)
+            probe = train_probe(train, site, settings.sweep_seed, device, loader)
             score = probe.decision_function(val.acts(site))
             sweep.append({"layer": layer, "site": site, "pcorr": pcorr(score, val, site)})
             sweep_probes[layer] = probe
@@ -194,7 +252,7 @@ def reference_observe(
         for layer in candidates:
             site = sites[layer]
             scores = [
-                train_probe(train, site, s, device).decision_function(val.acts(site))
+                train_probe(train, site, s, device, loader).decision_function(val.acts(site))
                 for s in settings.seeds
             ]
             values = [pcorr(score, val, site) for score in scores]
@@ -215,7 +273,7 @@ def reference_observe(
     test, test_out = gather("test", [site]), gather("test", [last_site])
     X_test, loss = test.acts(site), test.cap.loss
     with clock.stage("test"):
-        probes = [train_probe(train, site, s, device) for s in settings.seeds]
+        probes = [train_probe(train, site, s, device, loader) for s in settings.seeds]
         per_seed = [pcorr(p.decision_function(X_test), test, site) for p in probes]
         score = ensemble_score(probes, X_test)
         headline = {
@@ -230,16 +288,19 @@ def reference_observe(
     with clock.stage("output_control"):
         oc = []
         for s in step_seeds:
-            predict = train_mlp(train_out.acts(last_site), train_out.cap.loss, s, device)
+            predict = train_mlp(train_out.acts(last_site), train_out.cap.loss, s, device, loader)
             covariates = test.covariates(site, predict(test_out.acts(last_site)))
-            probe_score = train_probe(train, site, s, device).decision_function(X_test)
+            probe_score = train_probe(train, site, s, device, loader).decision_function(X_test)
             oc.append(stats.partial_spearman(probe_score, loss, covariates))
         output_controlled = {"per_seed": oc, "mean": float(np.mean(oc))}
 
     # 6. Control sensitivity of one probe; the nonlinear control is an MLP of (softmax, norm).
     with clock.stage("controls"):
-        nonlinear = train_mlp(train.covariates(site), train.cap.loss, settings.sweep_seed, device)
-        probe_score = train_probe(train, site, settings.seeds[0], device).decision_function(X_test)
+        nonlinear = train_mlp(
+            train.covariates(site), train.cap.loss, settings.sweep_seed, device, loader
+        )
+        first_seed = train_probe(train, site, settings.seeds[0], device, loader)
+        probe_score = first_seed.decision_function(X_test)
         softmax, norm = test.cap.max_softmax, test.cap.norms[site]
         sets = {
             "none": None,
@@ -266,7 +327,7 @@ def reference_observe(
     with clock.stage("flagging"):
         flagging = [
             stats.flag_catches(
-                train_probe(train, site, s, device).decision_function(X_test),
+                train_probe(train, site, s, device, loader).decision_function(X_test),
                 test.cap.max_softmax,
                 loss,
                 settings.flag_rates,
@@ -287,7 +348,7 @@ def reference_observe(
                     np.mean(
                         [
                             pcorr(
-                                train_probe(fit_on, site, s, device).decision_function(
+                                train_probe(fit_on, site, s, device, loader).decision_function(
                                     evaluate_on.acts(site)
                                 ),
                                 evaluate_on,

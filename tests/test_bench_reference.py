@@ -13,11 +13,11 @@ from nnobs.capture import capture
 from nnobs.config import ModelConfig
 from nnobs.data import Corpus, Document
 from nnobs.model import Transformer
-from nnobs.protocol import ObserveSettings, split_windows
+from nnobs.protocol import ObserveSettings, residual_labels, split_windows
 from nnobs.tokenizer import byte_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from reference_protocol import collect, reference_observe  # noqa: E402
+from reference_protocol import collect, reference_observe, train_probe  # noqa: E402
 
 
 def documents(prefix: str, n: int, seed: int) -> list[Document]:
@@ -78,3 +78,19 @@ def test_reference_protocol_runs_end_to_end(setup):
     per_seed = result["multiseed"][0]["pcorr"]
     assert len(set(per_seed)) == 3
     assert set(result["timings_s"]) >= {"capture", "sweep", "multiseed", "test", "cross_domain"}
+
+
+def test_the_reference_dataloader_loop_is_reference_adam(setup):
+    adapter, settings, windows = setup
+    site = "blocks.0.resid_post"
+    train = collect(adapter, windows["train"], [site], batch_size=8, name="train")
+    X, y = train.acts(site), residual_labels(train, site)
+    fast = train_probe(train, site, seed=43, device="cpu")
+    literal = train_probe(train, site, seed=43, device="cpu", loader="dataloader")
+    # Fewer rows than one batch: every step is full-batch, so batch order is irrelevant, and
+    # nn.Linear's initialisation under the seed draws what ReferenceAdamProbe draws: the two
+    # loops are the same algorithm and must agree to float rounding.
+    assert len(X) < fast.batch_size
+    np.testing.assert_allclose(literal.coef_, fast.coef_, rtol=1e-5, atol=1e-6)
+    assert literal.intercept_ == pytest.approx(fast.intercept_, abs=1e-6)
+    assert literal.objective(X, y) == pytest.approx(fast.objective(X, y), abs=1e-7)
