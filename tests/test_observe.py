@@ -104,7 +104,10 @@ def test_non_finite_activations_are_refused(tiny_run):
     settings = ObserveSettings(ex_per_dim=10, seeds=[43, 44], n_boot=10, random_init_floor=False)
     with pytest.raises(NnobsError, match="non-finite"):
         observe(
-            adapter, load_corpus("stdlib-tests", max_chars=100_000), settings=settings, progress=False
+            adapter,
+            load_corpus("stdlib-tests", max_chars=100_000),
+            settings=settings,
+            progress=False,
         )
 
 

@@ -1,1 +1,17 @@
 """Subcommands of the ``nnobs`` command line, one module each (see :mod:`nnobs.cli`)."""
+
+import argparse
+import re
+
+
+def int_list(text: str) -> list[int]:
+    """An argparse type for "0,2,5", "-1,-2" or a range "43-49"."""
+    try:
+        if re.fullmatch(r"\s*\d+\s*-\s*\d+\s*", text):
+            lo, hi = (int(x) for x in text.split("-"))
+            return list(range(lo, hi + 1))
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected integers like 0,2,5 or a range like 43-49, got {text!r}"
+        ) from None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from nnobs.commands import int_list
 from nnobs.errors import NnobsError
 
 PATCH_EPILOG = """\
@@ -42,15 +43,6 @@ examples:
 Integrated gradients doubles its steps until the attributions sum to f(input) - f(baseline)
 within --tol (default 1%); the gap is reported per item. Writes attribute.json and
 attribute.png (attribution per token) into --out."""
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -116,9 +108,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _common(ablate)
     _task_args(ablate, required=False)
     ablate.add_argument("--site", help="hook site, e.g. blocks.1.mlp_out or blocks.0.head_out")
-    ablate.add_argument("--heads", type=_int_list, help="head indices (head_out), e.g. 0,3")
-    ablate.add_argument("--neurons", type=_int_list, help="neuron indices (mlp_hidden)")
-    ablate.add_argument("--positions", type=_int_list, help="positions (negative from the end)")
+    ablate.add_argument("--heads", type=int_list, help="head indices (head_out), e.g. 0,3")
+    ablate.add_argument("--neurons", type=int_list, help="neuron indices (mlp_hidden)")
+    ablate.add_argument("--positions", type=int_list, help="positions (negative from the end)")
     ablate.add_argument("--mode", choices=("zero", "mean", "resample"), default="zero")
     ablate.add_argument("--corpus", default="stdlib", help="corpus for windows (default: stdlib)")
     ablate.add_argument("--split", default="validation", help="split measured on")

@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from nnobs.commands import int_list
+
 EPILOG = """\
 examples:
   nnobs observe --model runs/default
@@ -26,18 +28,6 @@ on the same tokens with the protocol's tracked subset (layer profile with bootst
 best-layer multi-seed pcorr, output-controlled residual), plus the detection floor, CKA to the
 last checkpoint and the collapse verdict once per run. Writes OUT/trajectory.json (default
 RUN/trajectory; schema nnobs/schemas/trajectory.schema.json); nnobs report RUN renders it."""
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        if "-" in text and "," not in text:
-            lo, hi = (int(x) for x in text.split("-"))
-            return list(range(lo, hi + 1))
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected integers like 0,2,5 or 43-49, got {text!r}"
-        ) from None
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -66,9 +56,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--ex-per-dim", type=int, default=350, help="token budget per split, × d_model (350)"
     )
-    parser.add_argument("--layers", type=_int_list, help="layers to sweep (default: all)")
+    parser.add_argument("--layers", type=int_list, help="layers to sweep (default: all)")
     parser.add_argument(
-        "--seeds", type=_int_list, help="probe seeds (43-49; 43-45 with --all-checkpoints)"
+        "--seeds", type=int_list, help="probe seeds (43-49; 43-45 with --all-checkpoints)"
     )
     parser.add_argument("--seq-len", type=int, help="window length (default: min(context, 256))")
     parser.add_argument("--batch-size", type=int, default=16, help="windows per forward pass")
