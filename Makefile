@@ -37,3 +37,4 @@ bench: setup
 	$(BIN)/python benchmarks/bench_capture.py
 	$(BIN)/python benchmarks/bench_observe.py
 	$(BIN)/python benchmarks/bench_patching.py
+	$(BIN)/python benchmarks/bench_trajectory.py
