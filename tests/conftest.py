@@ -77,4 +77,3 @@ def python_run(nnobs_cache, python_corpus, tmp_path_factory) -> Path:
     with torch_threads(1):
         train(TINY_MODEL, tiny_train_config(python_corpus), out, progress=False)
     return out
-
