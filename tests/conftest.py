@@ -77,3 +77,19 @@ def python_run(nnobs_cache, python_corpus, tmp_path_factory) -> Path:
     with torch_threads(1):
         train(TINY_MODEL, tiny_train_config(python_corpus), out, progress=False)
     return out
+
+
+def tiny_gpt2_adapter():
+    """A 2-layer, 32-wide GPT-2 with random weights and byte tokens, wrapped by the HF adapter."""
+    import torch
+    import transformers
+
+    from nnobs.hf import hf_adapter
+    from nnobs.tokenizer import byte_tokenizer
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(
+        n_layer=2, n_embd=32, n_head=2, vocab_size=300, n_positions=64,
+        bos_token_id=256, eos_token_id=256,
+    )  # fmt: skip
+    return hf_adapter(transformers.GPT2LMHeadModel(cfg).eval(), byte_tokenizer())

@@ -3,13 +3,12 @@ import json
 import jsonschema
 import pytest
 import torch
-import transformers
+from conftest import tiny_gpt2_adapter
 
 from nnobs.adapter import nnobs_adapter
 from nnobs.attribution import attribute, attribute_item, quadrature
 from nnobs.config import ModelConfig
 from nnobs.errors import NnobsError
-from nnobs.hf import hf_adapter
 from nnobs.intervention_plots import attribution_plot
 from nnobs.model import Transformer
 from nnobs.results import schema_for, to_plain
@@ -59,17 +58,7 @@ def test_integrated_gradients_is_complete_on_an_nnobs_model(adapter, task, site,
 
 
 def test_integrated_gradients_is_complete_on_a_tiny_hf_model():
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(
-        n_layer=2,
-        n_embd=32,
-        n_head=2,
-        vocab_size=300,
-        n_positions=64,
-        bos_token_id=256,
-        eos_token_id=256,
-    )
-    hf = hf_adapter(transformers.GPT2LMHeadModel(cfg).eval(), byte_tokenizer())
+    hf = tiny_gpt2_adapter()
     task = load_task("quote", hf.tokenizer, n=2, equal_length=False)
     doc = attribute(hf, task, site="embed")
     assert doc["completeness"]["all_within_tol"] and doc["completeness"]["max_rel_error"] <= 0.01

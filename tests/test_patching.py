@@ -4,12 +4,11 @@ import jsonschema
 import numpy as np
 import pytest
 import torch
-import transformers
+from conftest import tiny_gpt2_adapter
 
 from nnobs.adapter import nnobs_adapter
 from nnobs.config import ModelConfig
 from nnobs.errors import NnobsError
-from nnobs.hf import hf_adapter
 from nnobs.intervention_plots import patching_heatmap
 from nnobs.model import Transformer
 from nnobs.patching import (
@@ -34,17 +33,7 @@ def adapter():
 
 @pytest.fixture(scope="module")
 def hf():
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(
-        n_layer=2,
-        n_embd=32,
-        n_head=2,
-        vocab_size=300,
-        n_positions=64,
-        bos_token_id=256,
-        eos_token_id=256,
-    )
-    return hf_adapter(transformers.GPT2LMHeadModel(cfg).eval(), byte_tokenizer())
+    return tiny_gpt2_adapter()
 
 
 @pytest.fixture(scope="module")
