@@ -56,9 +56,7 @@ class ModelConfig:
         for knob, allowed in CHOICES.items():
             value = getattr(self, knob)
             if value not in allowed:
-                raise NnobsError(
-                    f"unknown {knob} {value!r}: choose one of {', '.join(allowed)}"
-                )
+                raise NnobsError(f"unknown {knob} {value!r}: choose one of {', '.join(allowed)}")
         for knob in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
             if not isinstance(getattr(self, knob), int) or getattr(self, knob) < 1:
                 raise NnobsError(f"{knob} must be a positive integer, got {getattr(self, knob)!r}")

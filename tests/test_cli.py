@@ -58,7 +58,7 @@ def test_train_then_rerun_is_a_no_op(tmp_path, capsys):
 def test_config_file_and_overrides(tmp_path, capsys):
     config = tmp_path / "small.toml"
     config.write_text(
-        '[model]\nvocab_size = 257\nd_model = 32\nn_layers = 1\nn_heads = 2\nmax_seq_len = 32\n'
+        "[model]\nvocab_size = 257\nd_model = 32\nn_layers = 1\nn_heads = 2\nmax_seq_len = 32\n"
         '[train]\ntokenizer = "byte"\nmax_chars = 30000\nseq_len = 32\nbatch_size = 4\n'
         "steps = 4\neval_batches = 1\n"
     )
@@ -119,8 +119,11 @@ def test_out_holding_something_else(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", *FAST, "--out", str(out)]) == 0
     deeper = ["train", *FAST, "--set", "model.n_layers=3", "--out", str(out)]
-    fails(capsys, deeper,
-          "holds a different run (model config differs: n_layers 2 in the run vs 3 requested)")
+    fails(
+        capsys,
+        deeper,
+        "holds a different run (model config differs: n_layers 2 in the run vs 3 requested)",
+    )
     assert main([*deeper, "--overwrite"]) == 0
     run = json.loads((out / "run.json").read_text())
     assert run["model_config"]["n_layers"] == 3

@@ -19,9 +19,7 @@ ARGS = ["train", "--preset", "tiny", "--no-progress", "--set", "train.steps=30",
 def test_two_gloo_processes_match_one(tmp_path):
     env = {**os.environ, "NNOBS_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     one, two = tmp_path / "one", tmp_path / "two"
-    subprocess.run(
-        [sys.executable, "-m", "nnobs", *ARGS, "--out", str(one)], env=env, check=True
-    )
+    subprocess.run([sys.executable, "-m", "nnobs", *ARGS, "--out", str(one)], env=env, check=True)
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
          "-m", "nnobs.cli", *ARGS, "--out", str(two)],

@@ -138,9 +138,7 @@ def test_run_directory_layout(tmp_path):
     assert 2.0 < run["unigram_baseline_loss"] < math.log(257)
     records = read_metrics(tmp_path)
     assert [r["step"] for r in records] == [0, 4, 8, 12]
-    assert {"loss", "lm_loss", "val_loss", "lr", "tokens_seen", "tokens_per_s"} <= set(
-        records[-1]
-    )
+    assert {"loss", "lm_loss", "val_loss", "lr", "tokens_seen", "tokens_per_s"} <= set(records[-1])
     assert records[-1]["tokens_seen"] == result.tokens_seen == 12 * 8 * 32
     meta = checkpoint.read_meta(tmp_path / "checkpoints" / "step_000012")
     assert meta["val_loss"] == result.val_loss and meta["tokens_seen"] == 12 * 8 * 32
