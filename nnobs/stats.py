@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import numpy as np
-from scipy.stats import rankdata
 
 from nnobs.errors import NnobsError
 
@@ -78,8 +77,29 @@ def as_covariates(
 
 
 def rank(x: np.ndarray) -> np.ndarray:
-    """Average ranks (ties share the mean of their positions), as float64, along axis 0."""
-    return np.asarray(rankdata(x, axis=0), dtype=np.float64)
+    """Average ranks (ties share the mean of their positions), as float64, along axis 0.
+
+    The same values as ``scipy.stats.rankdata(x, axis=0)``; an unstable sort is enough for
+    average ranks (order within a tie does not change its mean), and about twice as fast.
+    """
+    x = np.asarray(x)
+    if x.ndim == 1:
+        return _rank_column(x)
+    return np.column_stack([_rank_column(x[:, j]) for j in range(x.shape[1])])
+
+
+def _rank_column(v: np.ndarray) -> np.ndarray:
+    order = np.argsort(v)
+    ordered = v[order]
+    out = np.empty(len(v))
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+    if len(starts) == len(v):  # no ties: the common case for continuous scores
+        out[order] = np.arange(1, len(v) + 1)
+        return out
+    stops = np.r_[starts[1:], len(v)]
+    # a tie over sorted positions [start, stop) holds ranks start+1 .. stop: their mean
+    out[order] = np.repeat((starts + 1 + stops) / 2, stops - starts)
+    return out
 
 
 def _check_not_constant(name: str, ranks: np.ndarray) -> None:
@@ -117,44 +137,63 @@ def _check_rows(n: int, k: int) -> None:
         )
 
 
+class PartialSpearman:
+    """Partial Spearman correlation with a fixed ``y`` and covariates, for many scores.
+
+    Every variable is ranked; the ranks of each score and of ``y`` are regressed on
+    ``[ranks of covariates, 1]`` by least squares, and the result is the Pearson correlation of
+    the residuals. ``y``'s ranks, its residual and the projection are computed once here, so
+    scoring another probe costs one ranking. ``covariates`` is (n,), (n, k) or None (plain
+    Spearman).
+    """
+
+    def __init__(self, y: np.ndarray, covariates: np.ndarray | None = None) -> None:
+        y = as_vector("y", y)
+        self.n = len(y)
+        self._project = _residualizer(covariates, self.n)
+        ry = rank(y)
+        _check_not_constant("y", ry)
+        self._ey = self._project(ry)
+        self._norm_y = float(np.linalg.norm(self._ey))
+        if self._norm_y <= _DEGENERATE_RTOL * np.linalg.norm(ry - ry.mean()):
+            raise NnobsError(
+                "y is fully explained by the covariates; its partial correlation is undefined"
+            )
+
+    def __call__(self, X: np.ndarray) -> np.ndarray:
+        """One value per column of ``X`` (n, m), as an array of length m."""
+        X = np.asarray(X, dtype=np.float64)
+        if X.ndim == 1:
+            X = X[:, None]
+        if X.ndim != 2:
+            raise NnobsError(f"scores must have shape (n,) or (n, m), got {X.shape}")
+        if X.shape[0] != self.n:
+            raise NnobsError(f"x has {X.shape[0]} values, expected {self.n} (one per row)")
+        check_finite("x", X)
+        rx = rank(X)
+        _check_not_constant("x", rx if X.shape[1] > 1 else rx[:, 0])
+        ex = self._project(rx)
+        norm_x = np.linalg.norm(ex, axis=0)
+        scale_x = np.linalg.norm(rx - rx.mean(axis=0), axis=0)
+        bad = np.flatnonzero(norm_x <= _DEGENERATE_RTOL * scale_x)
+        if bad.size:
+            raise NnobsError(
+                f"x column {bad[0]} is fully explained by the covariates (e.g. a score equal to "
+                "a covariate); its partial correlation is undefined, leave it out"
+            )
+        return (ex.T @ self._ey) / (norm_x * self._norm_y)
+
+
 def partial_spearman_many(
     X: np.ndarray, y: np.ndarray, covariates: np.ndarray | None = None
 ) -> np.ndarray:
-    """Partial Spearman correlation of each column of ``X`` (n, m) with ``y``.
-
-    Every variable is ranked; the ranks of each score column and of ``y`` are regressed on
-    ``[ranks of covariates, 1]`` by least squares, and the result is the Pearson correlation of
-    the residuals. ``covariates`` is (n,), (n, k) or None (plain Spearman).
-    """
+    """Partial Spearman correlation of each column of ``X`` (n, m) with ``y``: see
+    :class:`PartialSpearman`."""
     X = np.asarray(X, dtype=np.float64)
-    if X.ndim == 1:
-        X = X[:, None]
-    if X.ndim != 2:
-        raise NnobsError(f"scores must have shape (n,) or (n, m), got {X.shape}")
-    n = X.shape[0]
-    check_finite("x", X)
-    y = as_vector("y", y, n)
-    project = _residualizer(covariates, n)
-
-    rx, ry = rank(X), rank(y)
-    _check_not_constant("x", rx if X.shape[1] > 1 else rx[:, 0])
-    _check_not_constant("y", ry)
-    ex, ey = project(rx), project(ry)
-
-    norm_x = np.linalg.norm(ex, axis=0)
-    norm_y = float(np.linalg.norm(ey))
-    if norm_y <= _DEGENERATE_RTOL * np.linalg.norm(ry - ry.mean()):
-        raise NnobsError(
-            "y is fully explained by the covariates; its partial correlation is undefined"
-        )
-    scale_x = np.linalg.norm(rx - rx.mean(axis=0), axis=0)
-    bad = np.flatnonzero(norm_x <= _DEGENERATE_RTOL * scale_x)
-    if bad.size:
-        raise NnobsError(
-            f"x column {bad[0]} is fully explained by the covariates (e.g. a score equal to a "
-            "covariate); its partial correlation is undefined, leave it out"
-        )
-    return (ex.T @ ey) / (norm_x * norm_y)
+    if X.ndim in (1, 2):
+        check_finite("x", X)
+        y = as_vector("y", y, X.shape[0])  # named against x's length, as the caller wrote them
+    return PartialSpearman(y, covariates)(X)
 
 
 def partial_spearman(x: np.ndarray, y: np.ndarray, covariates: np.ndarray | None = None) -> float:

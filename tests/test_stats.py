@@ -1,11 +1,12 @@
 import numpy as np
 import pytest
-from scipy.stats import spearmanr
+from scipy.stats import rankdata, spearmanr
 
 from nnobs import stats
 from nnobs.errors import NnobsError
 from nnobs.stats import (
     LossResidualizer,
+    PartialSpearman,
     bootstrap_ci,
     bootstrap_sampler,
     detection_floor,
@@ -25,6 +26,13 @@ def rng():
 def test_rank_averages_ties():
     np.testing.assert_array_equal(rank(np.array([3.0, 1.0, 3.0, 2.0])), [3.5, 1.0, 3.5, 2.0])
     assert rank(np.array([1, 2])).dtype == np.float64
+
+
+def test_rank_equals_scipy_with_and_without_ties(rng):
+    continuous = rng.standard_normal((1000, 3))
+    tied = rng.integers(0, 7, size=(1000, 3)).astype(np.float32)  # heavy ties, float32
+    for x in (continuous, tied, tied[:, 0], np.zeros(5), np.array([-0.0, 0.0, 1.0])):
+        np.testing.assert_array_equal(rank(x), rankdata(x, axis=0))
 
 
 def test_no_covariates_is_spearman(rng):
@@ -62,6 +70,10 @@ def test_many_equals_loop(rng):
     np.testing.assert_allclose(many, loop, atol=1e-12)
     assert many[0] == pytest.approx(partial_spearman(X[:, 0], y, cov))
     assert abs(many[0]) < 0.2 < many[4]
+    reused = PartialSpearman(y, cov)  # y and covariates prepared once, scores one by one
+    np.testing.assert_allclose([reused(X[:, j])[0] for j in range(5)], loop, atol=1e-12)
+    with pytest.raises(NnobsError, match="x has 199 values, expected 200"):
+        reused(X[1:, 0])
 
 
 def test_input_errors(rng):
