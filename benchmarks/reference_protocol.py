@@ -52,9 +52,18 @@ from nnobs.protocol import (
     candidate_layers,
     ensemble_score,
     hand_statistics,
-    pcorr,
     residual_labels,
 )
+
+
+def pcorr(score: np.ndarray, data: SplitData, site: str) -> float:
+    """The reference's statistic, computed from scratch on every call as its code does."""
+    return stats.partial_spearman(score, data.cap.loss, data.covariates(site))
+
+
+def seed_ensemble(probes: list, X: np.ndarray) -> np.ndarray:
+    return ensemble_score(np.column_stack([p.decision_function(X) for p in probes]))
+
 
 # The reference runs output control, cross-domain and flagging on its first three eval seeds.
 STEP_SEEDS = 3
@@ -275,7 +284,7 @@ def reference_observe(
     with clock.stage("test"):
         probes = [train_probe(train, site, s, device, loader) for s in settings.seeds]
         per_seed = [pcorr(p.decision_function(X_test), test, site) for p in probes]
-        score = ensemble_score(probes, X_test)
+        score = seed_ensemble(probes, X_test)
         headline = {
             "layer": layer,
             "per_seed": per_seed,

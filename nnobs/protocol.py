@@ -43,7 +43,7 @@ from nnobs.adapter import ModelAdapter
 from nnobs.capture import Capture, Windows, capture, make_windows
 from nnobs.data import Corpus, Document, encode_documents, load_corpus
 from nnobs.errors import NnobsError
-from nnobs.probes import LinearProbe, LossMLP, NonlinearControl, RandomHead
+from nnobs.probes import LinearProbe, LossMLP, NonlinearControl, linear_scores, random_head_scores
 
 SCHEMA = "nnobs.observe"
 SCHEMA_VERSION = 1
@@ -88,6 +88,7 @@ class SplitData:
 
     name: str
     cap: Capture
+    _controlled: dict[str, stats.PartialSpearman] = field(default_factory=dict, repr=False)
 
     @property
     def n(self) -> int:
@@ -99,6 +100,13 @@ class SplitData:
     def covariates(self, site: str, *extra: np.ndarray) -> np.ndarray:
         """The standard controls (max softmax, the site's norm) plus any extra columns."""
         return np.column_stack([self.cap.max_softmax, self.cap.norms[site], *extra])
+
+    def controlled(self, site: str) -> stats.PartialSpearman:
+        """pcorr against this split's loss under the standard controls, prepared once per site
+        (every probe and seed scored here shares the ranking of loss and covariates)."""
+        if site not in self._controlled:
+            self._controlled[site] = stats.PartialSpearman(self.cap.loss, self.covariates(site))
+        return self._controlled[site]
 
 
 class Stopwatch:
@@ -265,8 +273,13 @@ def capture_splits(
 # ------------------------------------------------------------------------- statistics
 
 
-def pcorr(score: np.ndarray, data: SplitData, site: str, *extra: np.ndarray) -> float:
-    return stats.partial_spearman(score, data.cap.loss, data.covariates(site, *extra))
+def pcorr(score: np.ndarray, data: SplitData, site: str, *extra: np.ndarray) -> Any:
+    """Controlled pcorr of a score (a float), or of each column of a score matrix (a list)."""
+    if extra:
+        values = stats.PartialSpearman(data.cap.loss, data.covariates(site, *extra))(score)
+    else:
+        values = data.controlled(site)(score)
+    return float(values[0]) if np.ndim(score) == 1 else [float(v) for v in values]
 
 
 def residual_labels(train: SplitData, site: str) -> np.ndarray:
@@ -289,13 +302,13 @@ def candidate_layers(sweep: list[dict], n_layers: int, settings: ObserveSettings
     return [r["layer"] for r in ranked[: settings.n_candidates]]
 
 
-def _standardised(score: np.ndarray) -> np.ndarray:
-    return (score - score.mean()) / (score.std() or 1.0)
+def _nonzero(scale: np.ndarray) -> np.ndarray:
+    return np.where(scale > 0, scale, 1.0)
 
 
-def ensemble_score(probes: list[LinearProbe], X: np.ndarray) -> np.ndarray:
-    """Mean of the seeds' standardised scores: the protocol's single score per token."""
-    return np.mean([_standardised(p.decision_function(X)) for p in probes], axis=0)
+def ensemble_score(scores: np.ndarray) -> np.ndarray:
+    """Mean of the seeds' standardised scores (columns): the protocol's single score per token."""
+    return ((scores - scores.mean(axis=0)) / _nonzero(scores.std(axis=0))).mean(axis=1)
 
 
 def ci(score: np.ndarray, data: SplitData, covariates: np.ndarray, n_boot: int) -> list[float]:
@@ -354,9 +367,11 @@ def observe(
 
         log("layer sweep")
         with clock.stage("sweep"):
-            sweep = []
+            sweep, sweep_probes = [], {}
             for layer, site in sites.items():
-                probe = fit_probe(train, site, settings.sweep_seed, False, device)
+                probe = sweep_probes[layer] = fit_probe(
+                    train, site, settings.sweep_seed, False, device
+                )
                 score = probe.decision_function(val.acts(site))
                 sweep.append(
                     {
@@ -377,8 +392,8 @@ def observe(
             for layer in candidates:
                 site = sites[layer]
                 probes = [fit_probe(train, site, s, True, device) for s in settings.seeds]
-                scores = [p.decision_function(val.acts(site)) for p in probes]
-                values = [pcorr(s, val, site) for s in scores]
+                scores = linear_scores(probes, val.acts(site))
+                values = pcorr(scores, val, site)
                 multiseed.append(
                     {
                         "layer": layer,
@@ -388,7 +403,7 @@ def observe(
                         "pcorr": values,
                         "mean": float(np.mean(values)),
                         "std": float(np.std(values, ddof=1)),
-                        "seed_agreement": stats.seed_agreement(scores),
+                        "seed_agreement": stats.seed_agreement(scores.T),
                     }
                 )
                 seed_probes[layer] = probes
@@ -398,9 +413,9 @@ def observe(
 
         log("test split, output control, controls, baselines")
         with clock.stage("test"):
-            X_test = test.acts(site)
-            per_seed = [pcorr(p.decision_function(X_test), test, site) for p in probes]
-            score = ensemble_score(probes, X_test)
+            test_scores = linear_scores(probes, test.acts(site))
+            per_seed = pcorr(test_scores, test, site)
+            score = ensemble_score(test_scores)
             loss = test.cap.loss
             standard = test.covariates(site)
             headline = {
@@ -424,11 +439,8 @@ def observe(
                 "site": last_site,
                 "predictor": "MLP d→64→1 (ReLU) on the last layer, fit on probe-train tokens",
                 "predictor_r2_test": float(oc_r2),
-                "per_seed": [
-                    stats.partial_spearman(p.decision_function(X_test), loss, with_oc)
-                    for p in probes
-                ],
-                "ensemble": stats.partial_spearman(score, loss, with_oc),
+                "per_seed": pcorr(test_scores, test, site, oc_pred),
+                "ensemble": pcorr(score, test, site, oc_pred),
                 "ensemble_ci95": ci(score, test, with_oc, settings.n_boot),
             }
             output_controlled["mean"] = float(np.mean(output_controlled["per_seed"]))
@@ -455,7 +467,7 @@ def observe(
                     adapter, domain2, site, probes, score, test, settings, work_dir, progress
                 )
 
-        probe42 = fit_probe(train, site, settings.sweep_seed, False, device)
+        probe42 = sweep_probes[layer]
         return {
             "schema": SCHEMA,
             "schema_version": SCHEMA_VERSION,
@@ -529,13 +541,9 @@ def baseline_statistics(test: SplitData, site: str, settings: ObserveSettings) -
             out[name] = {"pcorr": pcorr(value, test, site)}
         except NnobsError as err:  # the norm baseline is a covariate itself: controlled away
             out[name] = {"pcorr": None, "note": str(err)}
-    heads = np.column_stack(
-        [
-            RandomHead(seed=s).decision_function(test.acts(site))
-            for s in range(settings.random_heads)
-        ]
+    values = np.asarray(
+        pcorr(random_head_scores(test.acts(site), settings.random_heads), test, site)
     )
-    values = stats.partial_spearman_many(heads, test.cap.loss, test.covariates(site))
     out["random_head"] = {
         "n": settings.random_heads,
         "mean": float(values.mean()),
@@ -590,11 +598,8 @@ def detection_floor(
             fit_probe(train, site, seed, seed != settings.sweep_seed, str(fresh.device))
             for seed in seeds
         ]
-        values = [pcorr(p.decision_function(val.acts(site)), val, site) for p in probes]
-        heads = np.column_stack(
-            [RandomHead(seed=s).decision_function(val.acts(site)) for s in range(20)]
-        )
-        head_values = stats.partial_spearman_many(heads, val.cap.loss, val.covariates(site))
+        values = pcorr(linear_scores(probes, val.acts(site)), val, site)
+        head_values = np.asarray(pcorr(random_head_scores(val.acts(site), 20), val, site))
         per_layer[layer] = {
             "probe_pcorr": values,
             "random_head_mean_abs": float(np.abs(head_values).mean()),
@@ -626,7 +631,7 @@ def cross_domain(
     docs = {"train": domain2.train, "test": domain2.test}
     data = capture_splits(adapter, docs, [site], settings, work_dir, progress, "domain2-")
     b_train, b_test = data["train"], data["test"]
-    transfer = ensemble_score(probes, b_test.acts(site))
+    transfer = ensemble_score(linear_scores(probes, b_test.acts(site)))
     within = [fit_probe(b_train, site, s, True, str(adapter.device)) for s in settings.seeds]
     return {
         "site": site,
@@ -635,7 +640,7 @@ def cross_domain(
         "split": "test",
         "a_to_a": pcorr(score_a, test_a, site),
         "a_to_b": pcorr(transfer, b_test, site),
-        "b_to_b": pcorr(ensemble_score(within, b_test.acts(site)), b_test, site),
+        "b_to_b": pcorr(ensemble_score(linear_scores(within, b_test.acts(site))), b_test, site),
         "tokens": {"train": b_train.n, "test": b_test.n},
     }
 

@@ -43,7 +43,7 @@ from nnobs.adapter import ModelAdapter
 from nnobs.capture import Windows
 from nnobs.data import Corpus, load_corpus
 from nnobs.errors import NnobsError
-from nnobs.probes import LossMLP, RandomHead, chunk_rows
+from nnobs.probes import LossMLP, linear_scores, random_head_scores
 from nnobs.protocol import (
     ObserveSettings,
     SplitData,
@@ -255,9 +255,9 @@ class TrajectoryObserver:
             site = sites[layer]
             probes = [fit_probe(train, site, seed, True, device) for seed in s.seeds]
             X = test.acts(site)
-            scores = [p.decision_function(X) for p in probes]
-            per_seed = [pcorr(score, test, site) for score in scores]
-            score = ensemble_score(probes, X)
+            scores = linear_scores(probes, X)
+            per_seed = pcorr(scores, test, site)
+            score = ensemble_score(scores)
             loss, cov = test.cap.loss, test.covariates(site)
             record["best"] = {
                 "layer": layer,
@@ -267,7 +267,7 @@ class TrajectoryObserver:
                 "per_seed": per_seed,
                 "mean": float(np.mean(per_seed)),
                 "std": float(np.std(per_seed, ddof=1)),
-                "seed_agreement": stats.seed_agreement(scores),
+                "seed_agreement": stats.seed_agreement(scores.T),
                 "ensemble": pcorr(score, test, site),
                 "ensemble_ci95": ci(score, test, cov, s.n_boot),
             }
@@ -277,10 +277,10 @@ class TrajectoryObserver:
             record["output_controlled"] = {
                 "site": last_site,
                 "predictor_r2_test": float(1 - np.mean((loss - oc_pred) ** 2) / np.var(loss)),
-                "ensemble": stats.partial_spearman(score, loss, with_oc),
+                "ensemble": pcorr(score, test, site, oc_pred),
                 "ensemble_ci95": ci(score, test, with_oc, s.n_boot),
             }
-            values = np.abs(stats.partial_spearman_many(random_heads(X, s.random_heads), loss, cov))
+            values = np.abs(pcorr(random_head_scores(X, s.random_heads), test, site))
             record["random_head"] = {
                 "n": s.random_heads,
                 "abs_q95": float(np.quantile(values, 0.95)),
@@ -492,15 +492,6 @@ class TrajectoryObserver:
                 "checkpoints": round(float(sum(seconds)), 3),
             },
         }
-
-
-def random_heads(X: np.ndarray, n: int) -> np.ndarray:
-    """Scores of the ``n`` random heads (seeds 0..n-1) on ``X``: one product with all their
-    directions, in row blocks, instead of one pass over ``X`` per head."""
-    W = np.column_stack([RandomHead(seed=i).fit(X).coef_ for i in range(n)]).astype(np.float32)
-    step = chunk_rows(X.shape[1])
-    blocks = [np.asarray(X[a : a + step], dtype=np.float32) @ W for a in range(0, len(X), step)]
-    return np.concatenate(blocks).astype(np.float64)
 
 
 def _signal(row: dict[str, Any]) -> tuple[float, float]:

@@ -3,8 +3,17 @@ import pytest
 from scipy.stats import spearmanr
 from sklearn.metrics import roc_auc_score
 
+from nnobs import probes
 from nnobs.errors import NnobsError
-from nnobs.probes import LinearProbe, LossMLP, NonlinearControl, RandomHead, ReferenceAdamProbe
+from nnobs.probes import (
+    LinearProbe,
+    LossMLP,
+    NonlinearControl,
+    RandomHead,
+    ReferenceAdamProbe,
+    linear_scores,
+    random_head_scores,
+)
 from nnobs.stats import seed_agreement
 
 
@@ -138,6 +147,26 @@ def test_random_head_is_a_seeded_unit_direction(data):
     np.testing.assert_allclose(s, Xtr.astype(np.float64) @ h.coef_, rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(RandomHead(seed=5).decision_function(Xtr), s)
     assert not np.allclose(RandomHead(seed=6).decision_function(Xtr), s)
+
+
+def test_many_scorers_in_one_product_equal_each_alone(data, monkeypatch):
+    Xtr, ytr, Xte, _, _ = data
+    monkeypatch.setattr(probes, "CHUNK_ELEMENTS", 32 * 100)  # several row blocks of 100
+    fitted = [LinearProbe(seed=s).fit(Xtr, ytr) for s in (43, 44)]
+    scorers = [*fitted, RandomHead(seed=3).fit(Xte)]
+    half = Xte.astype(np.float16)
+    exact = half.astype(np.float64) @ np.column_stack([s.coef_ for s in scorers])
+    exact += [s.intercept_ for s in scorers]
+    np.testing.assert_allclose(linear_scores(scorers, half), exact, rtol=1e-5, atol=1e-5)
+    heads = random_head_scores(half, 4)
+    assert heads.shape == (len(Xte), 4)
+    np.testing.assert_allclose(heads[:, 3], exact[:, 2], rtol=1e-5, atol=1e-5)
+    bad = half.copy()
+    bad[250, 0] = np.inf  # in the third block
+    with pytest.raises(NnobsError, match=r"rows 200\.\.299\) contains 1 infinite"):
+        linear_scores(scorers, bad)
+    with pytest.raises(NnobsError, match="exceed the float32 range"):
+        linear_scores(scorers, Xte.astype(np.float64) * 1e300)
 
 
 def test_loss_mlp_learns_a_nonlinear_target():

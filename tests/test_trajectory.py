@@ -194,12 +194,3 @@ def test_a_constant_layer_is_recorded_as_undefined_not_fatal():
         )
     assert rows[0]["pcorr"] > 0.3 and rows[0]["ci95"][0] > 0.2
     assert rows[1]["pcorr"] is None and rows[1]["ci95"] is None and "constant" in rows[1]["note"]
-
-
-def test_random_heads_in_one_product_match_one_head_at_a_time():
-    from nnobs.probes import RandomHead
-    from nnobs.trajectory import random_heads
-
-    X = np.random.default_rng(0).standard_normal((3000, 16)).astype(np.float16)
-    one_by_one = np.column_stack([RandomHead(seed=i).decision_function(X) for i in range(7)])
-    assert np.allclose(random_heads(X, 7), one_by_one, atol=1e-5)
