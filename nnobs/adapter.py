@@ -82,6 +82,9 @@ class ModelAdapter:
     provenance: dict[str, Any] = field(default_factory=dict)
     logits_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None
     unembed_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # Token ids → the residual stream after the last block (what unembed_fn reads): lets a
+    # caller form logits a few rows at a time instead of holding (batch, pos, vocab) at once.
+    stream_fn: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -220,6 +223,7 @@ def nnobs_adapter(model: nn.Module, tokenizer: Any = None, provenance: dict | No
             **(provenance or {}),
         },
         unembed_fn=model.readout,
+        stream_fn=lambda input_ids, _mask: model.stream(input_ids),
     )
 
 

@@ -22,6 +22,7 @@ import os
 import resource
 import sys
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -248,23 +249,32 @@ def _check_windows(windows: Windows, vocab_size: int) -> None:
 
 
 def _output_stats(
-    logits: torch.Tensor, targets: torch.Tensor, keep: torch.Tensor | None
+    rows: torch.Tensor,
+    targets: torch.Tensor,
+    keep: torch.Tensor | None,
+    to_logits: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    vocab_size: int | None = None,
 ) -> torch.Tensor:
     """(3, k) float32 rows: loss, max softmax and entropy of the kept positions.
 
-    ``logits`` is (positions, vocab) and ``keep`` the indices of valid positions (None: all).
-    Work goes in row chunks: on CPU each chunk's passes then stay in cache (several times
-    faster than whole-batch passes), and on GPU the float32 copy stays bounded for any vocab.
+    ``rows`` is (positions, vocab) logits, or with ``to_logits`` (positions, d) final
+    residual-stream rows that it maps to logits; ``keep`` the indices of valid positions (None:
+    all). Work goes in row chunks: on CPU each chunk's passes then stay in cache (several times
+    faster than whole-batch passes), on GPU the float32 copy stays bounded for any vocab, and
+    with ``to_logits`` no (positions, vocab) tensor is ever allocated.
     """
-    if keep is not None and 2 * len(keep) >= len(logits):
+    if keep is not None and 2 * len(keep) >= len(rows):
         # Mostly valid: computing the few padded rows too is cheaper than gathering the rest.
-        return _output_stats(logits, targets, None)[:, keep]
+        return _output_stats(rows, targets, None, to_logits, vocab_size)[:, keep]
+    logits = rows
     n = logits.shape[0] if keep is None else len(keep)
-    step = max(1, (2**19 if logits.device.type == "cpu" else 2**26) // logits.shape[-1])
+    vocab = logits.shape[-1] if to_logits is None else vocab_size
+    step = max(1, (2**19 if logits.device.type == "cpu" else 2**26) // vocab)
     out = torch.empty(3, n, device=logits.device)
     for first in range(0, n, step):
         part = slice(first, first + step)
-        z = (logits[part] if keep is None else logits.index_select(0, keep[part])).float()
+        z = logits[part] if keep is None else logits.index_select(0, keep[part])
+        z = (z if to_logits is None else to_logits(z)).float()
         target = targets[part] if keep is None else targets.index_select(0, keep[part])
         p = torch.softmax(z, dim=-1)
         top = p.amax(dim=-1)
@@ -327,6 +337,11 @@ def capture(
 
     n, n_windows = windows.n_tokens, len(windows.input_ids)
     device = adapter.device
+    # Logits a few rows at a time from the final stream, unless a site inside the readout is
+    # wanted (its hook would then see one chunk at a time).
+    fused = (
+        adapter.stream_fn is not None and adapter.unembed_fn is not None and "final" not in sites
+    )
     start = time.perf_counter()
     with ExitStack() as stack:
         columns = _Columns(n, out_dir, stack)
@@ -344,10 +359,16 @@ def capture(
             valid = torch.from_numpy(valid_np).to(device)
             targets = torch.from_numpy(windows.targets[batch]).to(device).flatten()
             with torch.inference_mode(), adapter.hooks(capture=sites) as cache:
-                logits = adapter.forward(ids, valid.long())
                 # Full windows (the common case) need no gather: every position is kept.
                 keep = None if valid_np.all() else valid.flatten().nonzero().squeeze(1)
-                out = _output_stats(logits.flatten(0, 1), targets, keep)
+                if fused:
+                    stream = adapter.stream_fn(ids, valid.long()).flatten(0, 1)
+                    out = _output_stats(
+                        stream, targets, keep, adapter.unembed_fn, adapter.vocab_size
+                    )
+                else:
+                    logits = adapter.forward(ids, valid.long()).flatten(0, 1)
+                    out = _output_stats(logits, targets, keep)
                 for site in sites:
                     rows = _site_rows(site, cache[site], tuple(ids.shape), keep)
                     norm = rows.float().norm(dim=1)

@@ -216,12 +216,16 @@ class Transformer(nn.Module):
         """Final norm and unembedding: stream → logits."""
         return self.unembed(self.hook_final(self.final_norm(x)))
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """Token ids (batch, pos) → next-token logits (batch, pos, vocab)."""
+    def stream(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token ids (batch, pos) → the residual stream after the last block."""
         x = self.embed(idx)
         for block in self.blocks:
             x = block(x, self._rope())
-        return self.readout(x)
+        return x
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token ids (batch, pos) → next-token logits (batch, pos, vocab)."""
+        return self.readout(self.stream(idx))
 
     def training_loss(
         self, idx: torch.Tensor, targets: torch.Tensor

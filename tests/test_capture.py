@@ -95,11 +95,14 @@ def manual(adapter, windows: Windows, site: str):
     return [torch.cat(x).numpy() for x in (losses, softmaxes, entropies, rows)]
 
 
-def test_capture_matches_a_manual_computation_without_padding():
+# Without the `final` site capture forms logits from the last block's stream a few rows at a
+# time; with it, from the model's whole logits tensor.
+@pytest.mark.parametrize("sites", [SITES, SITES[:-1]], ids=["whole-logits", "row-chunk-readout"])
+def test_capture_matches_a_manual_computation_without_padding(sites):
     adapter = nnobs_adapter(build())
     windows = make_windows(documents(), seq_len=8, max_tokens=90, seed=1)
     assert not windows.valid.all()  # some windows are padded
-    cap = capture(adapter, windows, SITES, batch_size=4, dtype=np.float32, progress=False)
+    cap = capture(adapter, windows, sites, batch_size=4, dtype=np.float32, progress=False)
     loss, max_softmax, entropy, rows = manual(adapter, windows, "blocks.1.head_out")
     np.testing.assert_allclose(cap.loss, loss, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(cap.max_softmax, max_softmax, rtol=1e-5, atol=1e-6)
@@ -109,7 +112,7 @@ def test_capture_matches_a_manual_computation_without_padding():
     assert cap.acts["blocks.1.head_out"].shape == (90, 32)
     assert np.array_equal(cap.doc_ids, np.repeat(windows.doc_ids, windows.valid.sum(1)))
     np.testing.assert_allclose(
-        cap.norms["final"], np.linalg.norm(cap.acts["final"], axis=1), rtol=1e-5
+        cap.norms[sites[-1]], np.linalg.norm(cap.acts[sites[-1]], axis=1), rtol=1e-5
     )
     assert cap.loss.dtype == np.float32 and cap.stats["tokens"] == 90
     assert cap.stats["windows"] == len(windows.input_ids) and cap.stats["peak_rss_mb"] > 0
