@@ -213,24 +213,43 @@ class LinearProbe(_BinaryProbe):
         self.max_iter, self.tol, self.device = max_iter, tol, device
 
     def fit(self, X: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None) -> LinearProbe:
-        n, d = _shape(X)
+        n, _ = _shape(X)
         y = _binary_labels(y, n)
         rows, weight = None, np.full(n, 1.0 / n)
         if self.resample:
             check_rows_finite(X)  # rows left out of the resample must not hide bad values
-            drawn = bootstrap_sampler(n, groups)(np.random.default_rng(self.seed))
-            rows, counts = np.unique(drawn, return_counts=True)
-            weight = counts / counts.sum()
-            y = y[rows]
-            if y.min() == y.max():
-                raise NnobsError("the bootstrap resample holds one class only; use more rows")
+            rows, weight = self._resample(n, groups)
+            y = _resampled_labels(y, rows)
         dev = torch.device(self.device)
         Xt = to_tensor(X, rows, dev)
+        wt = torch.as_tensor(weight, device=dev)
+        mean, cov = _weighted_moments(Xt, wt)
+        p = float(y @ weight)
+        chol = _preconditioner(mean, cov, p * (1 - p), self.l2)
+        return self._solve(Xt, y, weight, mean, chol)
+
+    def _resample(self, n: int, groups: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """This seed's bootstrap resample: the distinct rows drawn (sorted), and their weights
+        (how often each was drawn, normalised)."""
+        drawn = bootstrap_sampler(n, groups)(np.random.default_rng(self.seed))
+        rows, counts = np.unique(drawn, return_counts=True)
+        return rows, counts / counts.sum()
+
+    def _solve(
+        self,
+        Xt: torch.Tensor,
+        y: np.ndarray,
+        weight: np.ndarray,
+        mean: torch.Tensor,
+        chol: torch.Tensor,
+    ) -> LinearProbe:
+        """Minimise the weighted objective on rows ``Xt``, searching in the coordinates that
+        ``mean`` and ``chol`` define (any choice gives the same optimum; a good one, few
+        iterations)."""
+        dev, d = Xt.device, Xt.shape[1]
         yt = torch.as_tensor(y, device=dev)
         wt = torch.as_tensor(weight, device=dev)
         p = float(y @ weight)
-        mean, cov = _weighted_moments(Xt, wt)
-        chol = _preconditioner(mean, cov, p * (1 - p), self.l2)
 
         # The search runs in theta = chol^T [w; c], c = b + mean·w (the centred intercept):
         # there the objective's Hessian at the start is the identity, so the first step is
@@ -260,6 +279,46 @@ class LinearProbe(_BinaryProbe):
         self.coef_ = w.cpu().numpy()
         self.intercept_ = float(b)
         return self
+
+
+def fit_resampled(
+    X: np.ndarray,
+    y: np.ndarray,
+    seeds: Sequence[int],
+    groups: np.ndarray | None = None,
+    **params,
+) -> list[LinearProbe]:
+    """``[LinearProbe(seed=s, **params).fit(X, y, groups) for s in seeds]``, sharing the work
+    that does not depend on the seed.
+
+    ``X`` is read, checked and converted to float32 once (held in memory, with one resample's
+    rows at a time beside it), and one preconditioner from all rows serves every resample. The
+    preconditioner is only a change of variables, so each probe's optimum is still its own
+    resample's; a resample's covariance is close to the full one, so the search stays short.
+    """
+    n, _ = _shape(X)
+    y = _binary_labels(y, n)
+    probes = [LinearProbe(seed=seed, resample=True, **params) for seed in seeds]
+    if not probes:
+        return []
+    dev = torch.device(probes[0].device)
+    Xt = to_tensor(X, None, dev)
+    uniform = torch.full((n,), 1.0 / n, dtype=torch.float64, device=dev)
+    mean, cov = _weighted_moments(Xt, uniform)
+    p = float(y.mean())
+    chol = _preconditioner(mean, cov, p * (1 - p), probes[0].l2)
+    for probe in probes:
+        rows, weight = probe._resample(n, groups)
+        picked = Xt.index_select(0, torch.as_tensor(rows, device=dev))
+        probe._solve(picked, _resampled_labels(y, rows), weight, mean, chol)
+    return probes
+
+
+def _resampled_labels(y: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    y = y[rows]
+    if y.min() == y.max():
+        raise NnobsError("the bootstrap resample holds one class only; use more rows")
+    return y
 
 
 # Backtracking gives up after this many halvings of the step (a 1/1024 step still failing

@@ -27,7 +27,7 @@ import platform
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -43,7 +43,14 @@ from nnobs.adapter import ModelAdapter
 from nnobs.capture import Capture, Windows, capture, make_windows
 from nnobs.data import Corpus, Document, encode_documents, load_corpus
 from nnobs.errors import NnobsError
-from nnobs.probes import LinearProbe, LossMLP, NonlinearControl, linear_scores, random_head_scores
+from nnobs.probes import (
+    LinearProbe,
+    LossMLP,
+    NonlinearControl,
+    fit_resampled,
+    linear_scores,
+    random_head_scores,
+)
 
 SCHEMA = "nnobs.observe"
 SCHEMA_VERSION = 1
@@ -293,6 +300,14 @@ def fit_probe(train: SplitData, site: str, seed: int, resample: bool, device: st
     return probe.fit(train.acts(site), residual_labels(train, site), groups=train.cap.doc_ids)
 
 
+def fit_seed_probes(
+    train: SplitData, site: str, seeds: Sequence[int], device: str
+) -> list[LinearProbe]:
+    """One probe per seed, each fit to a bootstrap resample of the training documents."""
+    labels = residual_labels(train, site)
+    return fit_resampled(train.acts(site), labels, seeds, groups=train.cap.doc_ids, device=device)
+
+
 def candidate_layers(sweep: list[dict], n_layers: int, settings: ObserveSettings) -> list[int]:
     """Top layers by sweep pcorr, excluding the last (1 - max_depth_fraction) of depth."""
     allowed = [r for r in sweep if r["layer"] + 1 <= settings.max_depth_fraction * n_layers]
@@ -391,7 +406,7 @@ def observe(
             multiseed, seed_probes = [], {}
             for layer in candidates:
                 site = sites[layer]
-                probes = [fit_probe(train, site, s, True, device) for s in settings.seeds]
+                probes = fit_seed_probes(train, site, settings.seeds, device)
                 scores = linear_scores(probes, val.acts(site))
                 values = pcorr(scores, val, site)
                 multiseed.append(
@@ -593,10 +608,10 @@ def detection_floor(
     train, val = data["train"], data["validation"]
     per_layer, nulls = {}, []
     for layer, site in sites.items():
-        seeds = [settings.sweep_seed, *settings.seeds]
+        device = str(fresh.device)
         probes = [
-            fit_probe(train, site, seed, seed != settings.sweep_seed, str(fresh.device))
-            for seed in seeds
+            fit_probe(train, site, settings.sweep_seed, False, device),
+            *fit_seed_probes(train, site, settings.seeds, device),
         ]
         values = pcorr(linear_scores(probes, val.acts(site)), val, site)
         head_values = np.asarray(pcorr(random_head_scores(val.acts(site), 20), val, site))
@@ -632,7 +647,7 @@ def cross_domain(
     data = capture_splits(adapter, docs, [site], settings, work_dir, progress, "domain2-")
     b_train, b_test = data["train"], data["test"]
     transfer = ensemble_score(linear_scores(probes, b_test.acts(site)))
-    within = [fit_probe(b_train, site, s, True, str(adapter.device)) for s in settings.seeds]
+    within = fit_seed_probes(b_train, site, settings.seeds, str(adapter.device))
     return {
         "site": site,
         "domain_a": "corpus",

@@ -53,6 +53,7 @@ from nnobs.protocol import (
     corpus_info,
     ensemble_score,
     fit_probe,
+    fit_seed_probes,
     held_out_splits,
     model_trained_on,
     pcorr,
@@ -253,7 +254,7 @@ class TrajectoryObserver:
             measured = [r for r in record["layers"] if r["pcorr"] is not None]
             layer = candidate_layers(measured, adapter.n_layers, s)[0]
             site = sites[layer]
-            probes = [fit_probe(train, site, seed, True, device) for seed in s.seeds]
+            probes = fit_seed_probes(train, site, s.seeds, device)
             X = test.acts(site)
             scores = linear_scores(probes, X)
             per_seed = pcorr(scores, test, site)

@@ -11,6 +11,7 @@ from nnobs.probes import (
     NonlinearControl,
     RandomHead,
     ReferenceAdamProbe,
+    fit_resampled,
     linear_scores,
     random_head_scores,
 )
@@ -87,6 +88,25 @@ def test_seeds_resample_rows(data):
     assert seed_agreement(scores) > 0.95
     plain = [LinearProbe(seed=s, resample=False).fit(Xtr, ytr).coef_ for s in (1, 2)]
     np.testing.assert_array_equal(plain[0], plain[1])
+
+
+def test_seeds_fit_together_reach_each_seeds_own_optimum(data):
+    Xtr, ytr, _, _, _ = data
+    docs = np.arange(4000) // 100
+    together = fit_resampled(Xtr.astype(np.float16), ytr, [43, 44, 45], groups=docs)
+    for probe in together:
+        alone = LinearProbe(seed=probe.seed).fit(Xtr.astype(np.float16), ytr, groups=docs)
+        rows, weight = alone._resample(len(Xtr), docs)
+        # the same resample, so the same strictly convex objective: equal optima
+        X, y = Xtr.astype(np.float16)[rows].astype(np.float64), ytr[rows]
+        z_alone, z_together = X @ alone.coef_ + alone.intercept_, X @ probe.coef_ + probe.intercept_
+        objective = [weight @ (np.logaddexp(0, z) - y * z) for z in (z_alone, z_together)]
+        assert objective[1] == pytest.approx(objective[0], abs=1e-7)
+        cosine = (
+            probe.coef_ @ alone.coef_ / np.linalg.norm(probe.coef_) / np.linalg.norm(alone.coef_)
+        )
+        assert cosine > 0.9999 and probe.converged_
+    assert not np.allclose(together[0].coef_, together[1].coef_)  # seeds still differ
 
 
 def test_grouped_resample_differs_from_row_resample(data):
