@@ -12,8 +12,8 @@ reference − 0.01), and at nnobs's reported layer the reference probe objective
 (l2/2)(|w|² + b²) on the probe-training tokens) reached by each side's seed-42 probe (nnobs
 must reach ≤).
 
-    .venv/bin/python benchmarks/bench_observe.py --model runs/default [--threads 1] [--quick]
-        [--reference-loader dataloader] [--profile N] [--json OUT]
+    .venv/bin/python benchmarks/bench_observe.py --model runs/default [--threads N] [--quick]
+        [--reference-loader dataloader|slices] [--profile N] [--json OUT]
 """
 
 from __future__ import annotations
@@ -128,8 +128,9 @@ def main() -> None:
     parser.add_argument(
         "--reference-loader",
         choices=LOADERS,
-        default="slices",
-        help="the reference's mini-batches: permutation slices, or its own DataLoader loop",
+        default="dataloader",
+        help="the reference's own DataLoader loop (the faithful baseline, default), or the same "
+        "sampling as slices of a permutation (the reference's method made faster)",
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
