@@ -541,6 +541,24 @@ def _logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Ten
     return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
 
+def _logits_are_head_output(model: nn.Module, head: nn.Module, vocab: int) -> bool:
+    """Whether the model returns its output head's result as is. Logit soft-capping or
+    rescaling after the head (Gemma 2, Cohere, Granite) is close to the identity on the small
+    logits of a trace, so the head's output is amplified here until any such step shows."""
+    amplified: list[torch.Tensor] = []
+
+    def amplify(module, args, output):
+        amplified.append(output * 64.0)
+        return amplified[-1]
+
+    handle = head.register_forward_hook(amplify)
+    try:
+        logits = _Trace([]).run(model, vocab)
+    finally:
+        handle.remove()
+    return len(amplified) == 1 and _close(logits, amplified[0], rel=1e-4)
+
+
 def hf_adapter(
     model: nn.Module, tokenizer: Any = None, provenance: dict[str, Any] | None = None
 ) -> ModelAdapter:
@@ -584,7 +602,11 @@ def hf_adapter(
     else:
         candidate = head if head is not None and _close(trace.inp(head), last) else None
     with torch.no_grad():
-        if candidate is not None and _close(candidate(last), logits, rel=1e-3):
+        if (
+            candidate is not None
+            and _close(candidate(last), logits, rel=1e-3)
+            and _logits_are_head_output(model, head, int(text_config.vocab_size))
+        ):
             unembed_fn = candidate
 
     context = next(

@@ -124,6 +124,25 @@ def test_final_is_what_the_lm_head_reads(family, clean):
     torch.testing.assert_close(adapter.unembed_fn(c[f"blocks.{LAYERS - 1}.resid_post"]), logits)
 
 
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_unembed_is_offered_only_where_logits_are_the_heads_output(softcap):
+    torch.manual_seed(0)
+    config = transformers.Gemma2Config(
+        num_key_value_heads=2,
+        intermediate_size=D_MLP,
+        head_dim=D // HEADS,
+        final_logit_softcapping=softcap,
+        **COMMON,
+    )
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    adapter = hf_adapter(model)
+    if softcap is None:
+        logits, c = adapter.run_with_cache(ids(), [f"blocks.{LAYERS - 1}.resid_post"])
+        torch.testing.assert_close(adapter.unembed_fn(c[f"blocks.{LAYERS - 1}.resid_post"]), logits)
+    else:  # tanh capping after the head: the stream → logits map is not the head alone
+        assert adapter.unembed_fn is None
+
+
 def test_zeroing_mlp_out_equals_the_manual_computation(family, clean):
     name, model, adapter = family
     x = ids()
