@@ -270,6 +270,8 @@ def _output_stats(
     n = logits.shape[0] if keep is None else len(keep)
     vocab = logits.shape[-1] if to_logits is None else vocab_size
     step = max(1, (2**19 if logits.device.type == "cpu" else 2**26) // vocab)
+    if to_logits is not None:  # each chunk re-reads the (d × vocab) unembedding: amortise it
+        step = max(step, logits.shape[-1])
     out = torch.empty(3, n, device=logits.device)
     for first in range(0, n, step):
         part = slice(first, first + step)
