@@ -321,6 +321,11 @@ def _nonzero(scale: np.ndarray) -> np.ndarray:
     return np.where(scale > 0, scale, 1.0)
 
 
+def seed_summary(values: list[float]) -> dict[str, float]:
+    """Mean and sample standard deviation of per-seed values."""
+    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1))}
+
+
 def ensemble_score(scores: np.ndarray) -> np.ndarray:
     """Mean of the seeds' standardised scores (columns): the protocol's single score per token."""
     return ((scores - scores.mean(axis=0)) / _nonzero(scores.std(axis=0))).mean(axis=1)
@@ -416,8 +421,7 @@ def observe(
                         "split": "validation",
                         "seeds": list(settings.seeds),
                         "pcorr": values,
-                        "mean": float(np.mean(values)),
-                        "std": float(np.std(values, ddof=1)),
+                        **seed_summary(values),
                         "seed_agreement": stats.seed_agreement(scores.T),
                     }
                 )
@@ -439,8 +443,7 @@ def observe(
                 "split": "test",
                 "seeds": list(settings.seeds),
                 "per_seed": per_seed,
-                "mean": float(np.mean(per_seed)),
-                "std": float(np.std(per_seed, ddof=1)),
+                **seed_summary(per_seed),
                 "ensemble": pcorr(score, test, site),
                 "ensemble_ci95": ci(score, test, standard, settings.n_boot),
             }

@@ -58,6 +58,7 @@ from nnobs.protocol import (
     model_trained_on,
     pcorr,
     provenance,
+    seed_summary,
     split_windows,
 )
 
@@ -266,8 +267,7 @@ class TrajectoryObserver:
                 "split": "test",
                 "seeds": list(s.seeds),
                 "per_seed": per_seed,
-                "mean": float(np.mean(per_seed)),
-                "std": float(np.std(per_seed, ddof=1)),
+                **seed_summary(per_seed),
                 "seed_agreement": stats.seed_agreement(scores.T),
                 "ensemble": pcorr(score, test, site),
                 "ensemble_ci95": ci(score, test, cov, s.n_boot),
