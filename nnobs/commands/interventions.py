@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from nnobs.commands import int_list
+from nnobs.commands import int_list, subcommand
 from nnobs.errors import NnobsError
 
 PATCH_EPILOG = """\
@@ -69,14 +69,13 @@ def _task_args(parser: argparse.ArgumentParser, required: bool) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    fmt = argparse.RawDescriptionHelpFormatter
-    patch = subparsers.add_parser(
+    patch = subcommand(
+        subparsers,
         "patch",
         help="activation patching sweeps (layers x positions, components, heads)",
         description="Patch activations from clean prompts into corrupted ones (or back) and "
         "measure how much of the clean logit difference returns, per unit and position.",
         epilog=PATCH_EPILOG,
-        formatter_class=fmt,
     )
     _common(patch)
     _task_args(patch, required=True)
@@ -97,13 +96,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     patch.add_argument("--no-progress", action="store_true", help="no progress bar")
     patch.set_defaults(func=run_patch)
 
-    ablate = subparsers.add_parser(
+    ablate = subcommand(
+        subparsers,
         "ablate",
         help="ablate a site, heads, neurons or a direction; change in loss or task metric",
         description="Replace part of an activation by zero, its reference mean or another "
         "input's value, and report the change with a bootstrap interval over examples.",
         epilog=ABLATE_EPILOG,
-        formatter_class=fmt,
     )
     _common(ablate)
     _task_args(ablate, required=False)
@@ -131,13 +130,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     ablate.set_defaults(func=run_ablate)
 
-    attribute = subparsers.add_parser(
+    attribute = subcommand(
+        subparsers,
         "attribute",
         help="gradient x input / integrated gradients to tokens and sites",
         description="Attribute each item's logit difference to the activation at a site "
         "(embed: the input tokens), with the completeness check of integrated gradients.",
         epilog=ATTRIBUTE_EPILOG,
-        formatter_class=fmt,
     )
     _common(attribute)
     _task_args(attribute, required=True)

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from nnobs.commands import int_list
+from nnobs.commands import int_list, subcommand
 
 EPILOG = """\
 examples:
@@ -31,14 +31,14 @@ RUN/trajectory; schema nnobs/schemas/trajectory.schema.json); nnobs report RUN r
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
+    parser = subcommand(
+        subparsers,
         "observe",
         help="measure where a model keeps a decision-quality signal its confidence hides",
         description="Run the observability protocol on a frozen causal LM: layer sweep, "
         "multi-seed evaluation, held-out test, output-controlled residual, control "
         "sensitivity, baselines, detection floor, flagging and cross-domain transfer.",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model", required=True, metavar="PATH|NAME", help="model to observe")
     parser.add_argument(

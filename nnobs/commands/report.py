@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from nnobs.commands import subcommand
+
 EPILOG = """\
 examples:
   nnobs report runs/study-quick       a study: verdicts, comparison with CIs, per-variant plots
@@ -16,13 +18,13 @@ beside it. Every plot is drawn from the result JSON in DIR; nothing is recompute
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
+    parser = subcommand(
+        subparsers,
         "report",
         help="render a study, run or observe result as one HTML page with plots",
         description="Render the results in a directory (study.json, trajectory.json, "
         "observe.json) as one self-contained HTML page with PNG plots and verdicts.",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("directory", metavar="DIR", help="a study, run or observe directory")
     parser.add_argument("--out", metavar="DIR", help="where to write (default: DIR/report)")

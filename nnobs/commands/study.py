@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from nnobs.commands import add_source, subcommand
+
 EPILOG = """\
 examples:
   nnobs study --preset quick --jobs 2          3 variants × 3 seeds, ~10 min on 2 CPU cores
@@ -23,21 +25,19 @@ finished runs are kept, interrupted ones continue from their last checkpoint."""
 def register(subparsers: argparse._SubParsersAction) -> None:
     from nnobs.study import study_preset_names
 
-    parser = subparsers.add_parser(
+    parser = subcommand(
+        subparsers,
         "study",
         help="compare architecture variants over training (matched params, same data, seeds)",
         description="Train every variant of a study with every training seed, observe every "
         "checkpoint, and write one study result with confidence intervals across seeds.",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument(
-        "--preset",
-        metavar="NAME",
-        help=f"a shipped study: {', '.join(study_preset_names())} (default: quick)",
+    add_source(
+        parser,
+        preset_help=f"a shipped study: {', '.join(study_preset_names())} (default: quick)",
+        config_help="a study TOML file",
     )
-    source.add_argument("--config", metavar="FILE", help="a study TOML file")
     parser.add_argument("--out", metavar="DIR", help="study directory (default: runs/study-NAME)")
     parser.add_argument(
         "--jobs", type=int, default=1, help="runs trained in parallel processes (default: 1)"

@@ -6,6 +6,8 @@ import argparse
 import os
 from pathlib import Path
 
+from nnobs.commands import add_source, subcommand
+
 EPILOG = """\
 examples:
   nnobs train --preset tiny
@@ -21,22 +23,18 @@ metrics.jsonl and checkpoints/step_NNNNNN/ (see nnobs.train)."""
 def register(subparsers: argparse._SubParsersAction) -> None:
     from nnobs.runconfig import preset_names
 
-    parser = subparsers.add_parser(
+    parser = subcommand(
+        subparsers,
         "train",
         help="train a transformer (preset or TOML config), resumable, CPU/GPU/multi-process",
         description="Train a transformer from a preset or a run config file. Checkpoints\n"
         "are log-spaced early and linear late, for measuring observability over training.",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument(
-        "--preset",
-        metavar="NAME",
-        help=f"a shipped run config: {', '.join(preset_names())} (default: default)",
-    )
-    source.add_argument(
-        "--config", metavar="FILE", help="a TOML file with [model] and [train] tables"
+    add_source(
+        parser,
+        preset_help=f"a shipped run config: {', '.join(preset_names())} (default: default)",
+        config_help="a TOML file with [model] and [train] tables",
     )
     parser.add_argument(
         "--out", metavar="DIR", help="run directory (default: runs/<preset or config name>)"
