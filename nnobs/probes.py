@@ -222,7 +222,7 @@ class LinearProbe(_BinaryProbe):
             rows, weight = self._resample(n, groups)
             y = _resampled_labels(y, rows)
         dev = torch.device(self.device)
-        with _one_cpu_thread(dev):
+        with _one_cpu_thread(dev, n * X.shape[1]):
             Xt = to_tensor(X, rows, dev)
             wt = torch.as_tensor(weight, device=dev)
             mean, cov = _weighted_moments(Xt, wt)
@@ -304,7 +304,7 @@ def fit_resampled(
     if not probes:
         return []
     dev = torch.device(probes[0].device)
-    with _one_cpu_thread(dev):
+    with _one_cpu_thread(dev, n * X.shape[1]):
         Xt = to_tensor(X, None, dev)
         uniform = torch.full((n,), 1.0 / n, dtype=torch.float64, device=dev)
         mean, cov = _weighted_moments(Xt, uniform)
@@ -318,13 +318,15 @@ def fit_resampled(
 
 
 @contextmanager
-def _one_cpu_thread(device: torch.device) -> Iterator[None]:
-    """Fit on one CPU thread. A probe fit is matrix-vector products and elementwise passes over
-    vectors of scores, where splitting work across threads costs more than it saves (7 seeds'
-    fits on 44.8 k × 128 rows: 0.5 s on one thread, 0.9 s on two). Torch's thread count is
-    process-wide; it is restored on exit."""
+def _one_cpu_thread(device: torch.device, elements: int) -> Iterator[None]:
+    """Fit on one CPU thread when the data (``elements`` activation values) fit in one row
+    block. A fit is a covariance product and matrix-vector products and elementwise passes over
+    vectors of scores; on data that small, splitting them across threads costs more than it
+    saves (7 seeds' fits on 44.8 k × 128 rows: about half the time on one thread of two), while
+    larger passes gain from every thread. Torch's thread count is process-wide; it is restored
+    on exit."""
     before = torch.get_num_threads()
-    if device.type != "cpu" or before == 1:
+    if device.type != "cpu" or before == 1 or elements > CHUNK_ELEMENTS:
         yield
         return
     torch.set_num_threads(1)

@@ -109,26 +109,33 @@ def test_seeds_fit_together_reach_each_seeds_own_optimum(data):
     assert not np.allclose(together[0].coef_, together[1].coef_)  # seeds still differ
 
 
-def test_fits_run_on_one_thread_and_give_the_threads_back(data, monkeypatch):
+def test_small_searches_run_on_one_thread_and_give_the_threads_back(data, monkeypatch):
     Xtr, ytr, _, _, _ = data
     import torch
 
     before = torch.get_num_threads()
     seen = []
-    solve = LinearProbe._solve
+    search = probes._lbfgs
     monkeypatch.setattr(
-        LinearProbe,
-        "_solve",
-        lambda self, *a: seen.append(torch.get_num_threads()) or solve(self, *a),
+        probes, "_lbfgs", lambda *a: seen.append(torch.get_num_threads()) or search(*a)
     )
     torch.set_num_threads(2)
     try:
         fit_resampled(Xtr, ytr, [43, 44])
         LinearProbe().fit(Xtr, ytr)
         assert seen == [1, 1, 1] and torch.get_num_threads() == 2
-        with pytest.raises(NnobsError, match="one class"):
-            fit_resampled(Xtr, (np.arange(len(Xtr)) == 0).astype(float), [43])
-        assert torch.get_num_threads() == 2  # restored after a failed fit too
+        monkeypatch.setattr(probes, "CHUNK_ELEMENTS", Xtr.size // 2)  # now "large": all threads
+        LinearProbe(resample=False).fit(Xtr, ytr)
+        assert seen[-1] == 2
+        monkeypatch.setattr(probes, "CHUNK_ELEMENTS", 1 << 24)
+
+        def fails(*_):
+            raise RuntimeError("interrupted")
+
+        monkeypatch.setattr(probes, "_lbfgs", fails)
+        with pytest.raises(RuntimeError):
+            LinearProbe().fit(Xtr, ytr)
+        assert torch.get_num_threads() == 2  # restored when the search fails too
     finally:
         torch.set_num_threads(before)
 
