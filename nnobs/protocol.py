@@ -453,12 +453,16 @@ def observe(
             oc_pred = oc_model.predict(test.acts(last_site))
             with_oc = test.covariates(site, oc_pred)
             oc_r2 = 1 - np.mean((loss - oc_pred) ** 2) / np.var(loss)
+            # seeds and ensemble in one call: loss and the three covariates are ranked once
+            *oc_per_seed, oc_ensemble = pcorr(
+                np.column_stack([test_scores, score]), test, site, oc_pred
+            )
             output_controlled = {
                 "site": last_site,
                 "predictor": "MLP d→64→1 (ReLU) on the last layer, fit on probe-train tokens",
                 "predictor_r2_test": float(oc_r2),
-                "per_seed": pcorr(test_scores, test, site, oc_pred),
-                "ensemble": pcorr(score, test, site, oc_pred),
+                "per_seed": oc_per_seed,
+                "ensemble": oc_ensemble,
                 "ensemble_ci95": ci(score, test, with_oc, settings.n_boot),
             }
             output_controlled["mean"] = float(np.mean(output_controlled["per_seed"]))
