@@ -266,16 +266,15 @@ def _output_stats(
     if keep is not None and 2 * len(keep) >= len(rows):
         # Mostly valid: computing the few padded rows too is cheaper than gathering the rest.
         return _output_stats(rows, targets, None, to_logits, vocab_size)[:, keep]
-    logits = rows
-    n = logits.shape[0] if keep is None else len(keep)
-    vocab = logits.shape[-1] if to_logits is None else vocab_size
-    step = max(1, (2**19 if logits.device.type == "cpu" else 2**26) // vocab)
+    n = rows.shape[0] if keep is None else len(keep)
+    vocab = rows.shape[-1] if to_logits is None else vocab_size
+    step = max(1, (2**19 if rows.device.type == "cpu" else 2**26) // vocab)
     if to_logits is not None:  # each chunk re-reads the (d × vocab) unembedding: amortise it
-        step = max(step, logits.shape[-1])
-    out = torch.empty(3, n, device=logits.device)
+        step = max(step, rows.shape[-1])
+    out = torch.empty(3, n, device=rows.device)
     for first in range(0, n, step):
         part = slice(first, first + step)
-        z = logits[part] if keep is None else logits.index_select(0, keep[part])
+        z = rows[part] if keep is None else rows.index_select(0, keep[part])
         z = (z if to_logits is None else to_logits(z)).float()
         target = targets[part] if keep is None else targets.index_select(0, keep[part])
         p = torch.softmax(z, dim=-1)

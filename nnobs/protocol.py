@@ -614,8 +614,8 @@ def detection_floor(
     )
     train, val = data["train"], data["validation"]
     per_layer, nulls = {}, []
+    device = str(fresh.device)
     for layer, site in sites.items():
-        device = str(fresh.device)
         probes = [
             fit_probe(train, site, settings.sweep_seed, False, device),
             *fit_seed_probes(train, site, settings.seeds, device),
