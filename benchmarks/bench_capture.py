@@ -27,10 +27,11 @@ import time
 import numpy as np
 import torch
 
-from nnobs.adapter import ModelAdapter, load_model, nnobs_adapter
-from nnobs.capture import capture, make_windows
-from nnobs.config import ModelConfig
-from nnobs.model import Transformer
+from nnobs.models.adapter import ModelAdapter, nnobs_adapter
+from nnobs.models.config import ModelConfig
+from nnobs.models.load import load_model
+from nnobs.models.transformer import Transformer
+from nnobs.observe.capture import capture, make_windows
 
 
 def get_adapter(model: str | None, device: str) -> ModelAdapter:

@@ -31,20 +31,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nnobs import protocol
-from nnobs.adapter import load_model
-from nnobs.atomic import write_json
-from nnobs.capture import Windows
-from nnobs.data import load_corpus
-from nnobs.probes import LinearProbe
-from nnobs.protocol import (
+from nnobs.core.files import write_json
+from nnobs.core.results import to_plain
+from nnobs.data.corpus import load_corpus
+from nnobs.measure.probes import LinearProbe
+from nnobs.models.load import load_model
+from nnobs.observe import protocol
+from nnobs.observe.capture import Windows
+from nnobs.observe.protocol import (
     ObserveSettings,
     default_domain2,
     held_out_splits,
     residual_labels,
     split_windows,
 )
-from nnobs.results import to_plain
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reference_protocol import LOADERS, collect, reference_observe  # noqa: E402

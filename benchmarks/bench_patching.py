@@ -27,16 +27,17 @@ import time
 import numpy as np
 import torch
 
-from nnobs.adapter import load_model, nnobs_adapter
-from nnobs.model import Transformer
-from nnobs.patching import patch_sweep_arrays, patched_run, sweep_units
-from nnobs.tasks import load_task
+from nnobs.data.tasks import load_task
+from nnobs.interventions.patching import patch_sweep_arrays, patched_run, sweep_units
+from nnobs.models.adapter import nnobs_adapter
+from nnobs.models.load import load_model
+from nnobs.models.transformer import Transformer
 
 
 def default_model(device: str):
-    from nnobs.data import load_corpus
-    from nnobs.runconfig import load_run_config
-    from nnobs.tokenizer import get_tokenizer
+    from nnobs.data.corpus import load_corpus
+    from nnobs.data.tokenizer import get_tokenizer
+    from nnobs.training.runconfig import load_run_config
 
     model_config, train_config = load_run_config("default", None, [])
     tokenizer = get_tokenizer(

@@ -19,7 +19,7 @@ import time
 import numpy as np
 import torch
 
-from nnobs.probes import LinearProbe, ReferenceAdamProbe
+from nnobs.measure.probes import LinearProbe, ReferenceAdamProbe
 
 EXAMPLES_PER_DIM = 350
 

@@ -19,11 +19,12 @@ from pathlib import Path
 
 import torch
 
-from nnobs.data import load_corpus, token_stream
-from nnobs.model import Transformer
-from nnobs.runconfig import load_run_config
-from nnobs.tokenizer import get_tokenizer
-from nnobs.train import TrainConfig, read_metrics, train
+from nnobs.data.corpus import load_corpus
+from nnobs.data.encoding import token_stream
+from nnobs.data.tokenizer import get_tokenizer
+from nnobs.models.transformer import Transformer
+from nnobs.training.runconfig import load_run_config
+from nnobs.training.trainer import TrainConfig, read_metrics, train
 
 
 def trainer_throughput(mc, tc: TrainConfig, out: Path) -> float:

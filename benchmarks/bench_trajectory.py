@@ -8,7 +8,7 @@ does not depend on the two runs meeting the same machine load.
 
 **Post hoc sharing.** On the plain run, every checkpoint is observed
 
-1. by :func:`nnobs.trajectory.observe_run` (corpus, splits, tokenizer, windows and floor made
+1. by :func:`nnobs.observe.trajectory.observe_run` (corpus, splits, tokenizer, windows and floor made
    once; step 0 is the random-init null model);
 2. by one ``observe_run(steps=[s])`` call per checkpoint: the same tracked subset and settings,
    but each call loads the corpus, cuts its windows and measures its own random-init floor;
@@ -38,14 +38,15 @@ from pathlib import Path
 
 import torch
 
-from nnobs.atomic import write_json
-from nnobs.callback import ObservabilityCallback
-from nnobs.checkpoint import list_checkpoints
-from nnobs.data import load_corpus, token_stream
-from nnobs.runconfig import load_run_config
-from nnobs.tokenizer import get_tokenizer
-from nnobs.train import checkpoint_steps, train
-from nnobs.trajectory import TrajectorySettings, observe_run, run_corpus
+from nnobs.core.files import write_json
+from nnobs.core.rundir import list_checkpoints
+from nnobs.data.corpus import load_corpus
+from nnobs.data.encoding import token_stream
+from nnobs.data.tokenizer import get_tokenizer
+from nnobs.observe.live import ObservabilityCallback
+from nnobs.observe.trajectory import TrajectorySettings, observe_run, run_corpus
+from nnobs.training.runconfig import load_run_config
+from nnobs.training.trainer import checkpoint_steps, train
 
 LIVE_TARGET = 0.10
 SHARING_TARGET = 1.5

@@ -40,12 +40,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from nnobs import stats
-from nnobs.adapter import ModelAdapter
-from nnobs.capture import Capture, Windows
-from nnobs.errors import NnobsError
-from nnobs.probes import RandomHead, ReferenceAdamProbe
-from nnobs.protocol import (
+from nnobs.core.errors import NnobsError
+from nnobs.measure import stats
+from nnobs.measure.probes import RandomHead, ReferenceAdamProbe
+from nnobs.models.adapter import ModelAdapter
+from nnobs.observe.capture import Capture, Windows
+from nnobs.observe.protocol import (
     ObserveSettings,
     SplitData,
     Stopwatch,

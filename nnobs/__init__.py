@@ -10,25 +10,25 @@ The Python API in a few names (imported lazily, so ``nnobs --help`` stays fast):
 from importlib import import_module
 from typing import Any
 
-__version__ = "0.1.0"
+from nnobs.core.version import __version__
 
 _API = {
-    "ModelConfig": "nnobs.config",
-    "Transformer": "nnobs.model",
-    "TrainConfig": "nnobs.train",
-    "train": "nnobs.train",
-    "load_model": "nnobs.adapter",
-    "load_corpus": "nnobs.data",
-    "ObserveSettings": "nnobs.protocol",
-    "observe": ("nnobs.protocol", "observe_model"),
-    "observe_run": "nnobs.trajectory",
-    "run_study": "nnobs.study",
-    "patch_sweep": "nnobs.patching",
-    "ablate": "nnobs.ablation",
-    "attribute": "nnobs.attribution",
-    "load_task": "nnobs.tasks",
-    "render_report": "nnobs.report",
-    "NnobsError": "nnobs.errors",
+    "ModelConfig": "nnobs.models.config",
+    "Transformer": "nnobs.models.transformer",
+    "TrainConfig": "nnobs.training.trainer",
+    "train": "nnobs.training.trainer",
+    "load_model": "nnobs.models.load",
+    "load_corpus": "nnobs.data.corpus",
+    "ObserveSettings": "nnobs.observe.protocol",
+    "observe": ("nnobs.observe.protocol", "observe_model"),
+    "observe_run": "nnobs.observe.trajectory",
+    "run_study": "nnobs.observe.study",
+    "patch_sweep": "nnobs.interventions.patching",
+    "ablate": "nnobs.interventions.ablation",
+    "attribute": "nnobs.interventions.attribution",
+    "load_task": "nnobs.data.tasks",
+    "render_report": "nnobs.report.html",
+    "NnobsError": "nnobs.core.errors",
 }
 
 __all__ = ["__version__", *_API]

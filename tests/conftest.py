@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from nnobs.config import ModelConfig
-from nnobs.train import TrainConfig
+from nnobs.models.config import ModelConfig
+from nnobs.training.trainer import TrainConfig
 
 TINY_MODEL = ModelConfig(vocab_size=257, d_model=32, n_layers=2, n_heads=4, max_seq_len=64)
 
@@ -71,7 +71,7 @@ def python_corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def python_run(nnobs_cache, python_corpus, tmp_path_factory) -> Path:
     """A 2-layer, 32-wide byte-level model trained for 24 steps on ``python_corpus``."""
-    from nnobs.train import train
+    from nnobs.training.trainer import train
 
     out = tmp_path_factory.mktemp("runs") / "tiny"
     with torch_threads(1):
@@ -84,8 +84,8 @@ def tiny_gpt2_adapter():
     import torch
     import transformers
 
-    from nnobs.hf import hf_adapter
-    from nnobs.tokenizer import byte_tokenizer
+    from nnobs.data.tokenizer import byte_tokenizer
+    from nnobs.models.hf import hf_adapter
 
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nnobs.adapter import nnobs_adapter
-from nnobs.config import ModelConfig
-from nnobs.errors import NnobsError
-from nnobs.model import Transformer
+from nnobs.core.errors import NnobsError
+from nnobs.models.adapter import nnobs_adapter
+from nnobs.models.config import ModelConfig
+from nnobs.models.transformer import Transformer
 
 SMALL = dict(vocab_size=64, d_model=32, n_layers=3, n_heads=4, max_seq_len=32)
 VARIANTS = {

@@ -2,8 +2,13 @@ import numpy as np
 import pytest
 import torch
 
-from nnobs.adapter import nnobs_adapter
-from nnobs.attributes import (
+from nnobs.core.errors import NnobsError
+from nnobs.data.corpus import Document
+from nnobs.data.tokenizer import byte_tokenizer, train_bpe
+from nnobs.models.adapter import nnobs_adapter
+from nnobs.models.config import ModelConfig
+from nnobs.models.transformer import Transformer
+from nnobs.observe.attribute_probes import (
     ATTRIBUTES,
     CLASSES,
     AttributeData,
@@ -16,12 +21,7 @@ from nnobs.attributes import (
     python_char_labels,
     token_char_starts,
 )
-from nnobs.capture import make_windows
-from nnobs.config import ModelConfig
-from nnobs.data import Document
-from nnobs.errors import NnobsError
-from nnobs.model import Transformer
-from nnobs.tokenizer import byte_tokenizer, train_bpe
+from nnobs.observe.capture import make_windows
 
 T = {name: code for code, name in enumerate(CLASSES["token_type"])}
 

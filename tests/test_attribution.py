@@ -5,15 +5,15 @@ import pytest
 import torch
 from conftest import tiny_gpt2_adapter
 
-from nnobs.adapter import nnobs_adapter
-from nnobs.attribution import attribute, attribute_item, quadrature
-from nnobs.config import ModelConfig
-from nnobs.errors import NnobsError
-from nnobs.intervention_plots import attribution_plot
-from nnobs.model import Transformer
-from nnobs.results import schema_for, to_plain
-from nnobs.tasks import load_task
-from nnobs.tokenizer import byte_tokenizer
+from nnobs.core.errors import NnobsError
+from nnobs.core.results import schema_for, to_plain
+from nnobs.data.tasks import load_task
+from nnobs.data.tokenizer import byte_tokenizer
+from nnobs.interventions.attribution import attribute, attribute_item, quadrature
+from nnobs.models.adapter import nnobs_adapter
+from nnobs.models.config import ModelConfig
+from nnobs.models.transformer import Transformer
+from nnobs.report.intervention_plots import attribution_plot
 
 
 def tiny(seed=0, **knobs):

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from nnobs.adapter import nnobs_adapter
-from nnobs.capture import capture
-from nnobs.config import ModelConfig
-from nnobs.data import Corpus, Document
-from nnobs.model import Transformer
-from nnobs.protocol import ObserveSettings, residual_labels, split_windows
-from nnobs.tokenizer import byte_tokenizer
+from nnobs.data.corpus import Corpus, Document
+from nnobs.data.tokenizer import byte_tokenizer
+from nnobs.models.adapter import nnobs_adapter
+from nnobs.models.config import ModelConfig
+from nnobs.models.transformer import Transformer
+from nnobs.observe.capture import capture
+from nnobs.observe.protocol import ObserveSettings, residual_labels, split_windows
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from reference_protocol import collect, reference_observe, train_probe  # noqa: E402

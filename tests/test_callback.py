@@ -8,11 +8,11 @@ import safetensors.torch
 import torch
 from conftest import TINY_MODEL, tiny_train_config
 
-from nnobs.callback import LiveObserver, ObservabilityCallback
-from nnobs.data import load_corpus
-from nnobs.results import load_result
-from nnobs.train import train
-from nnobs.trajectory import TrajectorySettings
+from nnobs.core.results import load_result
+from nnobs.data.corpus import load_corpus
+from nnobs.observe.live import LiveObserver, ObservabilityCallback
+from nnobs.observe.trajectory import TrajectorySettings
+from nnobs.training.trainer import train
 
 TINY = TrajectorySettings(ex_per_dim=10, doc_tokens=64, seeds=[43, 44], n_boot=50, random_heads=20)
 
@@ -111,9 +111,9 @@ def test_hugging_face_trainer_callback(python_corpus, tmp_path):
     pytest.importorskip("accelerate", reason="the transformers Trainer needs accelerate")
     from torch.utils.data import Dataset
 
-    from nnobs.callback import HFObservabilityCallback
-    from nnobs.data import token_stream
-    from nnobs.tokenizer import byte_tokenizer
+    from nnobs.data.encoding import token_stream
+    from nnobs.data.tokenizer import byte_tokenizer
+    from nnobs.observe.live import HFObservabilityCallback
 
     transformers.logging.set_verbosity_error()
     tokenizer = byte_tokenizer()

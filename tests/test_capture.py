@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nnobs.adapter import nnobs_adapter
-from nnobs.capture import Capture, Windows, capture, make_windows
-from nnobs.config import ModelConfig
-from nnobs.errors import NnobsError
-from nnobs.model import Transformer
+from nnobs.core.errors import NnobsError
+from nnobs.models.adapter import nnobs_adapter
+from nnobs.models.config import ModelConfig
+from nnobs.models.transformer import Transformer
+from nnobs.observe.capture import Capture, Windows, capture, make_windows
 
 VOCAB = 64
 
@@ -220,7 +220,7 @@ def test_bad_requests_get_one_clear_error():
 
 def test_capture_on_a_hugging_face_model_masks_the_padding():
     transformers = pytest.importorskip("transformers")
-    from nnobs.hf import hf_adapter
+    from nnobs.models.hf import hf_adapter
 
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
@@ -253,7 +253,7 @@ def test_capture_on_gpu_matches_cpu():
 
 
 def test_masked_vocabulary_entries_do_not_poison_the_entropy():
-    from nnobs.capture import _output_stats
+    from nnobs.observe.capture import _output_stats
 
     logits = torch.tensor([[2.0, float("-inf"), 0.5, -1.0], [0.0, 0.0, float("-inf"), 3.0]])
     targets = torch.tensor([2, 3])

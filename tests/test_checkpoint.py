@@ -5,12 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-from nnobs import checkpoint
-from nnobs.adapter import load_model
-from nnobs.config import ModelConfig
-from nnobs.errors import NnobsError
-from nnobs.model import Transformer
-from nnobs.tokenizer import byte_tokenizer
+from nnobs.core.errors import NnobsError
+from nnobs.core.rundir import is_nnobs_path, list_checkpoints
+from nnobs.data.tokenizer import byte_tokenizer
+from nnobs.models.checkpoint import load_checkpoint, load_weights
+from nnobs.models.config import ModelConfig
+from nnobs.models.load import load_model
+from nnobs.models.transformer import Transformer
+from nnobs.training.checkpoint import load_training_state, remove_partial, save_checkpoint
 
 CFG = ModelConfig(vocab_size=257, d_model=32, n_layers=2, n_heads=4, max_seq_len=16)
 
@@ -31,14 +33,14 @@ def trained_pair(steps: int = 3):
 def save(run_dir, step, model, opt=None):
     meta = {"tokenizer": byte_tokenizer().reference(), "tokens_seen": 64 * step,
             "corpus": {"spec": "stdlib", "fingerprint": "abc"}}  # fmt: skip
-    return checkpoint.save_checkpoint(run_dir, step, model, meta, opt)
+    return save_checkpoint(run_dir, step, model, meta, opt)
 
 
 def test_round_trip_weights_meta_and_provenance(tmp_path):
     model, opt, x = trained_pair()
     path = save(tmp_path, 7, model, opt)
     assert path == tmp_path / "checkpoints" / "step_000007"
-    loaded = checkpoint.load_checkpoint(tmp_path)
+    loaded = load_checkpoint(tmp_path)
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, loaded.model.state_dict()[name]), name
     assert loaded.model.unembed.weight is loaded.model.tok_emb.weight  # still tied
@@ -56,10 +58,10 @@ def test_optimizer_and_rng_restore_exactly(tmp_path):
     random.random(), np.random.rand(), torch.rand(1)  # move every RNG on
     fresh = Transformer(CFG)
     fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
-    checkpoint.load_weights(fresh, path)
-    checkpoint.load_training_state(path, fresh_opt)
+    load_weights(fresh, path)
+    load_training_state(path, fresh_opt)
     expected = (random.random(), np.random.rand(), torch.rand(3))
-    checkpoint.load_training_state(path, fresh_opt)
+    load_training_state(path, fresh_opt)
     assert (random.random(), np.random.rand()) == expected[:2]
     assert torch.equal(torch.rand(3), expected[2])
     for m, o in ((model, opt), (fresh, fresh_opt)):  # one more identical step on both
@@ -77,23 +79,23 @@ def test_listing_skips_partial_and_foreign_entries(tmp_path):
     (tmp_path / "checkpoints" / ".tmp-step_000032-x").mkdir()
     (tmp_path / "checkpoints" / "step_000032").mkdir()  # no meta.json: not complete
     (tmp_path / "checkpoints" / "notes").mkdir()
-    assert [s for s, _ in checkpoint.list_checkpoints(tmp_path)] == [0, 16]
-    checkpoint.remove_partial(tmp_path)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [0, 16]
+    remove_partial(tmp_path)
     assert not (tmp_path / "checkpoints" / ".tmp-step_000032-x").exists()
-    assert checkpoint.load_checkpoint(tmp_path).step == 16
-    assert checkpoint.load_checkpoint(tmp_path, step=0).step == 0
+    assert load_checkpoint(tmp_path).step == 16
+    assert load_checkpoint(tmp_path, step=0).step == 0
     with pytest.raises(NnobsError, match="no checkpoint at step 5: it has 0, 16"):
-        checkpoint.load_checkpoint(tmp_path, step=5)
+        load_checkpoint(tmp_path, step=5)
 
 
 def test_is_nnobs_path(tmp_path):
     model, _, _ = trained_pair(0)
     path = save(tmp_path / "run", 0, model)
-    assert checkpoint.is_nnobs_path(path)
+    assert is_nnobs_path(path)
     (tmp_path / "run" / "run.json").write_text("{}")
-    assert checkpoint.is_nnobs_path(tmp_path / "run")
-    assert not checkpoint.is_nnobs_path(tmp_path)
-    assert not checkpoint.is_nnobs_path(path / "model.safetensors")
+    assert is_nnobs_path(tmp_path / "run")
+    assert not is_nnobs_path(tmp_path)
+    assert not is_nnobs_path(path / "model.safetensors")
 
 
 def test_truncated_weights_are_a_clear_error(tmp_path):
@@ -102,7 +104,7 @@ def test_truncated_weights_are_a_clear_error(tmp_path):
     data = (path / "model.safetensors").read_bytes()
     (path / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(NnobsError, match="are corrupt"):
-        checkpoint.load_checkpoint(path)
+        load_checkpoint(path)
     with pytest.raises(NnobsError, match="are corrupt"):  # through the model loader too
         load_model(path)
 
@@ -121,10 +123,10 @@ def test_foreign_or_garbled_meta(tmp_path):
     meta = json.loads((path / "meta.json").read_text())
     (path / "meta.json").write_text(json.dumps({**meta, "format": "something-else"}))
     with pytest.raises(NnobsError, match="is not an nnobs checkpoint"):
-        checkpoint.load_checkpoint(path)
+        load_checkpoint(path)
     (path / "meta.json").write_text('{"format": ')
     with pytest.raises(NnobsError, match="unreadable or corrupt"):
-        checkpoint.load_checkpoint(path)
+        load_checkpoint(path)
 
 
 def test_weights_of_another_architecture(tmp_path):
@@ -134,14 +136,14 @@ def test_weights_of_another_architecture(tmp_path):
     meta["config"]["d_model"] = 64
     (path / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(NnobsError, match="do not match the checkpoint's config"):
-        checkpoint.load_checkpoint(path)
+        load_checkpoint(path)
 
 
 def test_not_a_checkpoint(tmp_path):
     with pytest.raises(NnobsError, match="does not exist"):
-        checkpoint.load_checkpoint(tmp_path / "nothing")
+        load_checkpoint(tmp_path / "nothing")
     with pytest.raises(NnobsError, match="not an nnobs run or checkpoint"):
-        checkpoint.load_checkpoint(tmp_path)
+        load_checkpoint(tmp_path)
     (tmp_path / "run.json").write_text("{}")
     with pytest.raises(NnobsError, match="no complete checkpoint yet"):
-        checkpoint.load_checkpoint(tmp_path)
+        load_checkpoint(tmp_path)

@@ -5,8 +5,8 @@ import sys
 import pytest
 
 import nnobs
-from nnobs import checkpoint
 from nnobs.cli import main
+from nnobs.core.rundir import list_checkpoints, resolve_checkpoint
 
 # The tiny preset cut down to a few steps: checkpoints at 0, 4, 8.
 FAST = ["--preset", "tiny", "--no-progress", "--set", "train.steps=8",
@@ -50,7 +50,7 @@ def test_train_then_rerun_is_a_no_op(tmp_path, capsys):
     assert main(["train", *FAST, "--out", str(out)]) == 0
     captured = capsys.readouterr()
     assert f"{out}: step 8, val loss" in captured.out and "unigram baseline" in captured.out
-    assert [s for s, _ in checkpoint.list_checkpoints(out)] == [0, 4, 8]
+    assert [s for s, _ in list_checkpoints(out)] == [0, 4, 8]
     assert main(["train", *FAST, "--out", str(out)]) == 0
     assert "already trained to step 8; nothing to do" in capsys.readouterr().err
 
@@ -141,7 +141,7 @@ def test_corrupt_checkpoint_on_resume(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", *FAST, "--out", str(out)]) == 0
     capsys.readouterr()
-    last = checkpoint.resolve_checkpoint(out)
+    last = resolve_checkpoint(out)
     (last / "meta.json").rename(tmp_path / "meta.json")  # as if the last save never finished
     weights = out / "checkpoints" / "step_000004" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
@@ -149,17 +149,17 @@ def test_corrupt_checkpoint_on_resume(tmp_path, capsys):
 
 
 def test_keyboard_interrupt_exits_130(tmp_path, capsys, monkeypatch):
-    import nnobs.train
+    import nnobs.training.trainer
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(nnobs.train, "train", interrupted)
+    monkeypatch.setattr(nnobs.training.trainer, "train", interrupted)
     assert main(["train", *FAST, "--out", str(tmp_path / "run")]) == 130
 
 
 def test_every_preset_is_a_valid_run():
-    from nnobs.runconfig import load_run_config, preset_names
+    from nnobs.training.runconfig import load_run_config, preset_names
 
     assert {"tiny", "default"} <= set(preset_names())
     for name in preset_names():

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from nnobs.collapse import detect_collapse
-from nnobs.errors import NnobsError
+from nnobs.core.errors import NnobsError
+from nnobs.observe.collapse import detect_collapse
 
 STEPS = [256, 1000, 2000, 4000, 8000, 16000, 24000, 32000]
 FALLING_LOSS = [6.0, 4.5, 3.8, 3.4, 3.2, 3.1, 3.05, 3.0]

@@ -4,16 +4,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nnobs.data import (
-    SPLITS,
-    Document,
-    docs_fingerprint,
-    encode_documents,
-    load_corpus,
-    token_stream,
-)
-from nnobs.errors import NnobsError
-from nnobs.tokenizer import ByteTokenizer
+from nnobs.core.errors import NnobsError
+from nnobs.data.corpus import SPLITS, Document, docs_fingerprint, load_corpus
+from nnobs.data.encoding import encode_documents, token_stream
+from nnobs.data.tokenizer import ByteTokenizer
 
 
 def _ids(corpus) -> dict[str, set[str]]:

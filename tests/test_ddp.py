@@ -8,8 +8,8 @@ import pytest
 import safetensors.torch
 import torch
 
-from nnobs import checkpoint
-from nnobs.train import read_metrics
+from nnobs.core.rundir import resolve_checkpoint
+from nnobs.training.trainer import read_metrics
 
 ARGS = ["train", "--preset", "tiny", "--no-progress", "--set", "train.steps=30",
         "--set", "train.max_chars=60000", "--set", "train.device='cpu'"]  # fmt: skip
@@ -32,7 +32,7 @@ def test_two_gloo_processes_match_one(tmp_path):
     assert abs(val_one - val_two) < 1e-3, (val_one, val_two)
     assert [r["step"] for r in read_metrics(one)] == [r["step"] for r in read_metrics(two)]
     a, b = (
-        safetensors.torch.load_file(str(checkpoint.resolve_checkpoint(d) / "model.safetensors"))
+        safetensors.torch.load_file(str(resolve_checkpoint(d) / "model.safetensors"))
         for d in (one, two)
     )
     for name in a:  # the same updates up to float summation order

@@ -8,8 +8,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 
-from nnobs.errors import NnobsError  # noqa: E402
-from nnobs.hf import hf_adapter, load_hf_model  # noqa: E402
+from nnobs.core.errors import NnobsError  # noqa: E402
+from nnobs.models.hf import hf_adapter, load_hf_model  # noqa: E402
 
 D, LAYERS, HEADS, D_MLP, VOCAB = 32, 3, 4, 64, 96
 COMMON = dict(hidden_size=D, num_hidden_layers=LAYERS, num_attention_heads=HEADS, vocab_size=VOCAB)
@@ -318,7 +318,7 @@ def test_load_hf_model_from_a_saved_directory(tmp_path):
 
 
 def test_load_hf_model_through_load_model(tmp_path):
-    from nnobs.adapter import load_model
+    from nnobs.models.load import load_model
 
     build("gpt2").save_pretrained(tmp_path)
     adapter = load_model(tmp_path)

@@ -4,21 +4,21 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from nnobs.ablation import (
+from nnobs.core.errors import NnobsError
+from nnobs.core.results import schema_for, to_plain
+from nnobs.data.tasks import load_task
+from nnobs.data.tokenizer import byte_tokenizer
+from nnobs.interventions.ablation import (
     ablate,
     direction_intervention,
     fit_layer_probes,
     mean_activations,
     probe_from_observe,
 )
-from nnobs.adapter import nnobs_adapter
-from nnobs.config import ModelConfig
-from nnobs.errors import NnobsError
-from nnobs.interventions import make_target, project_out, replace_edit, scale_edit
-from nnobs.model import Transformer
-from nnobs.results import schema_for, to_plain
-from nnobs.tasks import load_task
-from nnobs.tokenizer import byte_tokenizer
+from nnobs.interventions.targets import make_target, project_out, replace_edit, scale_edit
+from nnobs.models.adapter import nnobs_adapter
+from nnobs.models.config import ModelConfig
+from nnobs.models.transformer import Transformer
 
 
 def tiny(seed=0, **knobs):
@@ -255,7 +255,7 @@ def test_probe_from_observe_reads_the_layer_and_direction():
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    from nnobs.checkpoint import save_checkpoint
+    from nnobs.training.checkpoint import save_checkpoint
 
     adapter = tiny(seed=6)
     meta = {"tokenizer": byte_tokenizer().reference()}
@@ -269,7 +269,7 @@ def cli(*argv):
 
 
 def test_cli_patch_ablate_attribute_write_valid_results(run_dir, tmp_path, capsys):
-    from nnobs.results import load_result
+    from nnobs.core.results import load_result
 
     out = tmp_path / "out"
     common = ["--model", run_dir, "--out", out]

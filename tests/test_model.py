@@ -3,10 +3,11 @@
 import pytest
 import torch
 
-from nnobs.adapter import nnobs_adapter
-from nnobs.config import ModelConfig, count_params, match_params
-from nnobs.errors import NnobsError
-from nnobs.model import Transformer
+from nnobs.core.errors import NnobsError
+from nnobs.models.adapter import nnobs_adapter
+from nnobs.models.config import ModelConfig
+from nnobs.models.sizing import count_params, match_params
+from nnobs.models.transformer import Transformer
 
 SMALL = dict(vocab_size=50, d_model=32, n_layers=3, n_heads=4, max_seq_len=12)
 

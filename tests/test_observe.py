@@ -6,16 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from nnobs.adapter import load_model, nnobs_adapter
 from nnobs.cli import main
-from nnobs.config import ModelConfig
-from nnobs.data import load_corpus
-from nnobs.errors import NnobsError
-from nnobs.model import Transformer
-from nnobs.protocol import ObserveSettings, observe, observe_model
-from nnobs.results import load_result, validate
-from nnobs.summary import observe_summary
-from nnobs.tokenizer import byte_tokenizer
+from nnobs.core.errors import NnobsError
+from nnobs.core.results import load_result, validate
+from nnobs.data.corpus import load_corpus
+from nnobs.data.tokenizer import byte_tokenizer
+from nnobs.models.adapter import nnobs_adapter
+from nnobs.models.config import ModelConfig
+from nnobs.models.load import load_model
+from nnobs.models.transformer import Transformer
+from nnobs.observe.protocol import ObserveSettings, observe, observe_model
+from nnobs.report.summary import observe_summary
 
 # Small enough to run in seconds: 2 layers x 64 wide, 40 tokens per dimension.
 FAST = ["--ex-per-dim", "40", "--seeds", "43-45", "--n-boot", "100", "--no-progress"]

@@ -6,12 +6,11 @@ import pytest
 import torch
 from conftest import tiny_gpt2_adapter
 
-from nnobs.adapter import nnobs_adapter
-from nnobs.config import ModelConfig
-from nnobs.errors import NnobsError
-from nnobs.intervention_plots import patching_heatmap
-from nnobs.model import Transformer
-from nnobs.patching import (
+from nnobs.core.errors import NnobsError
+from nnobs.core.results import schema_for, to_plain
+from nnobs.data.tasks import load_task
+from nnobs.data.tokenizer import byte_tokenizer
+from nnobs.interventions.patching import (
     Unit,
     patch_sweep,
     patch_sweep_arrays,
@@ -19,9 +18,10 @@ from nnobs.patching import (
     position_map,
     sweep_units,
 )
-from nnobs.results import schema_for, to_plain
-from nnobs.tasks import load_task
-from nnobs.tokenizer import byte_tokenizer
+from nnobs.models.adapter import nnobs_adapter
+from nnobs.models.config import ModelConfig
+from nnobs.models.transformer import Transformer
+from nnobs.report.intervention_plots import patching_heatmap
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,9 @@ import pytest
 from scipy.stats import spearmanr
 from sklearn.metrics import roc_auc_score
 
-from nnobs import probes
-from nnobs.errors import NnobsError
-from nnobs.probes import (
+from nnobs.core.errors import NnobsError
+from nnobs.measure import probes
+from nnobs.measure.probes import (
     LinearProbe,
     LossMLP,
     NonlinearControl,
@@ -15,7 +15,7 @@ from nnobs.probes import (
     linear_scores,
     random_head_scores,
 )
-from nnobs.stats import seed_agreement
+from nnobs.measure.stats import seed_agreement
 
 
 def planted(n: int, d: int, seed: int = 0, strength: float = 2.0):

@@ -8,10 +8,10 @@ uncontrolled and come out ~0 controlled.
 import numpy as np
 import pytest
 
-from nnobs import stats
-from nnobs.capture import Capture
-from nnobs.probes import LinearProbe, RandomHead
-from nnobs.protocol import SplitData, fit_probe, pcorr
+from nnobs.measure import stats
+from nnobs.measure.probes import LinearProbe, RandomHead
+from nnobs.observe.capture import Capture
+from nnobs.observe.protocol import SplitData, fit_probe, pcorr
 
 D = 32
 SITE = "blocks.0.resid_post"

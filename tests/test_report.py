@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 from nnobs.cli import main
-from nnobs.errors import NnobsError
-from nnobs.report import render_report, variant_verdict_text
-from nnobs.results import validate
-from nnobs.study import assemble, parse_study, variant_configs
-from nnobs.trajectory import TrajectorySettings, observe_run
+from nnobs.core.errors import NnobsError
+from nnobs.core.results import validate
+from nnobs.observe.study import assemble, parse_study, variant_configs
+from nnobs.observe.trajectory import TrajectorySettings, observe_run
+from nnobs.report.html import render_report, variant_verdict_text
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 TINY = TrajectorySettings(ex_per_dim=10, doc_tokens=64, seeds=[43, 44], n_boot=50, random_heads=20)
@@ -119,7 +119,7 @@ def test_study_page_answers_the_question_from_the_json(study_dir):
 
 
 def test_run_page_with_trajectory_and_observe(python_run, trajectory, tmp_path):
-    from nnobs.protocol import ObserveSettings, observe_model
+    from nnobs.observe.protocol import ObserveSettings, observe_model
 
     observe_model(
         python_run,

@@ -2,14 +2,8 @@ import numpy as np
 import pytest
 from scipy.stats import ortho_group
 
-from nnobs.errors import NnobsError
-from nnobs.similarity import (
-    cka_matrix,
-    is_degenerate,
-    linear_cka,
-    minibatch_cka,
-    unbiased_cka,
-)
+from nnobs.core.errors import NnobsError
+from nnobs.measure.cka import cka_matrix, is_degenerate, linear_cka, minibatch_cka, unbiased_cka
 
 ESTIMATORS = [linear_cka, unbiased_cka, minibatch_cka]
 

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 from scipy.stats import rankdata, spearmanr
 
-from nnobs import stats
-from nnobs.errors import NnobsError
-from nnobs.stats import (
+from nnobs.core.errors import NnobsError
+from nnobs.measure import stats
+from nnobs.measure.stats import (
     LossResidualizer,
     PartialSpearman,
     bootstrap_ci,

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from nnobs.config import count_params
-from nnobs.errors import NnobsError
-from nnobs.results import load_result
-from nnobs.study import (
+from nnobs.core.errors import NnobsError
+from nnobs.core.results import load_result
+from nnobs.models.sizing import count_params
+from nnobs.observe.study import (
     load_study_config,
     parse_study,
     run_study,
@@ -108,11 +108,11 @@ def test_intervals_by_hand():
 
 
 def test_a_study_resumes_without_retraining_finished_runs(python_corpus, tmp_path, monkeypatch):
-    import nnobs.trajectory
+    import nnobs.observe.trajectory
 
     cfg = parse_study(tiny_study(python_corpus))
     out = tmp_path / "study"
-    real = nnobs.trajectory.observe_run
+    real = nnobs.observe.trajectory.observe_run
     calls = []
 
     def interrupted(run_dir, **kwargs):  # Ctrl-C while observing the third run
@@ -121,10 +121,10 @@ def test_a_study_resumes_without_retraining_finished_runs(python_corpus, tmp_pat
             raise KeyboardInterrupt
         return real(run_dir, **kwargs)
 
-    monkeypatch.setattr(nnobs.trajectory, "observe_run", interrupted)
+    monkeypatch.setattr(nnobs.observe.trajectory, "observe_run", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_study(cfg, out)
-    monkeypatch.setattr(nnobs.trajectory, "observe_run", real)
+    monkeypatch.setattr(nnobs.observe.trajectory, "observe_run", real)
     runs = {(v, s): out / "runs" / v / f"seed_{s}" for v in ("pre", "post") for s in (0, 1)}
     assert not (out / "study.json").exists() and not runs[("post", 1)].exists()
     # The third run was also cut short while training: its last checkpoint is gone.

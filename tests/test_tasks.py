@@ -2,9 +2,9 @@ import json
 
 import pytest
 
-from nnobs.data import Document
-from nnobs.errors import NnobsError
-from nnobs.tasks import (
+from nnobs.core.errors import NnobsError
+from nnobs.data.corpus import Document
+from nnobs.data.tasks import (
     BUILTIN,
     PromptPair,
     Task,
@@ -14,7 +14,7 @@ from nnobs.tasks import (
     read_task_file,
     write_task_file,
 )
-from nnobs.tokenizer import byte_tokenizer, train_bpe
+from nnobs.data.tokenizer import byte_tokenizer, train_bpe
 
 
 @pytest.fixture(scope="module")

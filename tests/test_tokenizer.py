@@ -2,10 +2,10 @@ import json
 
 import pytest
 
-import nnobs.tokenizer as tokenizer_module
-from nnobs.data import Corpus, Document
-from nnobs.errors import NnobsError
-from nnobs.tokenizer import (
+import nnobs.data.tokenizer as tokenizer_module
+from nnobs.core.errors import NnobsError
+from nnobs.data.corpus import Corpus, Document
+from nnobs.data.tokenizer import (
     EOS,
     byte_tokenizer,
     from_hf,

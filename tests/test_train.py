@@ -5,10 +5,12 @@ import pytest
 import safetensors.torch
 import torch
 
-from nnobs import checkpoint
-from nnobs.config import ModelConfig
-from nnobs.errors import NnobsError
-from nnobs.train import (
+from nnobs.core.errors import NnobsError
+from nnobs.core.files import read_json
+from nnobs.core.rundir import list_checkpoints, read_meta, resolve_checkpoint
+from nnobs.models.checkpoint import load_checkpoint
+from nnobs.models.config import ModelConfig
+from nnobs.training.trainer import (
     TrainConfig,
     batch_starts,
     checkpoint_steps,
@@ -32,7 +34,7 @@ def cache(tmp_path_factory, monkeypatch):
 
 
 def weights(run_dir, step=None):
-    path = checkpoint.resolve_checkpoint(run_dir, step) / "model.safetensors"
+    path = resolve_checkpoint(run_dir, step) / "model.safetensors"
     return safetensors.torch.load_file(str(path))
 
 
@@ -130,8 +132,8 @@ def test_every_knob_trains(tmp_path, knob):
 
 def test_run_directory_layout(tmp_path):
     result = train(MC, TC, tmp_path, progress=False)
-    assert [s for s, _ in checkpoint.list_checkpoints(tmp_path)] == [0, 4, 8, 12]
-    run = checkpoint.read_json(tmp_path / "run.json", "run")
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [0, 4, 8, 12]
+    run = read_json(tmp_path / "run.json", "run")
     assert run["model_config"] == MC.to_dict() and run["train_config"] == TC.to_dict()
     assert run["tokenizer"]["kind"] == "byte" and run["n_params"] > 0
     assert run["corpus"]["fingerprint"] and run["corpus"]["tokens"]["train"] > 20_000
@@ -140,9 +142,9 @@ def test_run_directory_layout(tmp_path):
     assert [r["step"] for r in records] == [0, 4, 8, 12]
     assert {"loss", "lm_loss", "val_loss", "lr", "tokens_seen", "tokens_per_s"} <= set(records[-1])
     assert records[-1]["tokens_seen"] == result.tokens_seen == 12 * 8 * 32
-    meta = checkpoint.read_meta(tmp_path / "checkpoints" / "step_000012")
+    meta = read_meta(tmp_path / "checkpoints" / "step_000012")
     assert meta["val_loss"] == result.val_loss and meta["tokens_seen"] == 12 * 8 * 32
-    loaded = checkpoint.load_checkpoint(tmp_path)
+    loaded = load_checkpoint(tmp_path)
     assert loaded.step == 12 and loaded.tokenizer.kind == "byte"
 
 
@@ -179,7 +181,7 @@ def test_resume_from_an_earlier_checkpoint_is_exact(tmp_path):
 
 def test_finished_run_is_left_alone(tmp_path):
     train(MC, TC, tmp_path, progress=False)
-    model_file = checkpoint.resolve_checkpoint(tmp_path) / "model.safetensors"
+    model_file = resolve_checkpoint(tmp_path) / "model.safetensors"
     stamp = model_file.stat().st_mtime_ns
     result = train(MC, TC.replace(device="auto"), tmp_path, progress=False)  # device may change
     assert result.already_complete and result.step == 12
@@ -196,7 +198,7 @@ def test_a_different_run_is_refused_unless_overwritten(tmp_path):
         train(MC, TC.replace(steps=20), tmp_path, progress=False)
     result = train(MC, TC.replace(steps=6), tmp_path, progress=False, overwrite=True)
     assert result.step == 6
-    assert [s for s, _ in checkpoint.list_checkpoints(tmp_path)] == [0, 4, 6]
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [0, 4, 6]
 
 
 def test_refuses_to_write_into_a_foreign_directory(tmp_path):
@@ -234,7 +236,7 @@ def test_sigkill_at_any_moment_then_resume_is_bit_identical(tmp_path):
     for delay in (0.0, 0.7):  # killed twice, at different points after a checkpoint exists
         proc = subprocess.Popen([*argv, "--out", str(out)], env=env)
         while proc.poll() is None:
-            done = checkpoint.list_checkpoints(out)
+            done = list_checkpoints(out)
             if done and done[-1][0] > 0:
                 break
             time.sleep(0.02)
@@ -242,7 +244,7 @@ def test_sigkill_at_any_moment_then_resume_is_bit_identical(tmp_path):
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    killed_at = checkpoint.list_checkpoints(out)[-1][0]
+    killed_at = list_checkpoints(out)[-1][0]
     assert 0 < killed_at < 30
     subprocess.run([*argv, "--out", str(out)], env=env, check=True)
     assert_same_weights(weights(tmp_path / "full"), weights(out))

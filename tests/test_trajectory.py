@@ -4,10 +4,10 @@ CKA to the last checkpoint, collapse wiring, reuse, shrinking and failures."""
 import numpy as np
 import pytest
 
-from nnobs.data import load_corpus
-from nnobs.errors import NnobsError
-from nnobs.results import load_result, validate
-from nnobs.trajectory import TrajectoryObserver, TrajectorySettings, observe_run
+from nnobs.core.errors import NnobsError
+from nnobs.core.results import load_result, validate
+from nnobs.data.corpus import load_corpus
+from nnobs.observe.trajectory import TrajectoryObserver, TrajectorySettings, observe_run
 
 # 320 tokens per split from documents of at most 64 tokens: seconds per checkpoint.
 TINY = dict(ex_per_dim=10, doc_tokens=64, seeds=[43, 44], n_boot=50, random_heads=20)
@@ -94,7 +94,7 @@ def test_without_step_0_the_floor_comes_from_a_fresh_random_init(python_run, tmp
 
 
 def test_shrunk_skipped_and_failed_checkpoints_are_recorded(python_run, python_corpus):
-    from nnobs.adapter import load_model
+    from nnobs.models.load import load_model
 
     corpus = load_corpus(str(python_corpus))
     with TrajectoryObserver(corpus, settings()) as observer:
@@ -166,9 +166,9 @@ def test_collapse_is_read_from_the_records(python_corpus, series, verdict):
 
 
 def test_a_constant_layer_is_recorded_as_undefined_not_fatal():
-    from nnobs.capture import Capture
-    from nnobs.data import Corpus
-    from nnobs.protocol import SplitData
+    from nnobs.data.corpus import Corpus
+    from nnobs.observe.capture import Capture
+    from nnobs.observe.protocol import SplitData
 
     rng = np.random.default_rng(0)
     n = 400

@@ -1,0 +1,5 @@
+import sys
+
+from nnobs.cli import main
+
+sys.exit(main())

@@ -1,8 +1,0 @@
-"""The one exception type users see: a problem with their input, stated in one line."""
-
-
-class NnobsError(Exception):
-    """Bad input or an impossible request. The CLI prints ``error: <message>`` and exits 2.
-
-    The message names the problem and what to do about it, in one line.
-    """

@@ -1,0 +1,455 @@
+"""Ablation: knock out a component or a direction and measure what changes.
+
+Modes: ``zero`` sets the target to 0; ``mean`` to its mean over a reference corpus (computed
+once per model and corpus and cached on disk with its provenance); ``resample`` to its value
+on another input (another window of the corpus, or another task item of the same length).
+The measure is the change in next-token loss on corpus windows, or in a task's logit
+difference, with a bootstrap interval over examples (windows or items).
+
+:func:`direction_intervention` is the causal test of the decision-quality probe: project its
+direction out of the residual stream (or scale it) at the probe's layer, and report what
+happens to the loss, to the model's confidence and to the signal at later layers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from nnobs.core.errors import NnobsError
+from nnobs.core.files import atomic_path, write_json
+from nnobs.data.tasks import EncodedTask
+from nnobs.interventions.targets import (
+    Target,
+    document,
+    make_target,
+    position_axis,
+    project_out,
+    replace_edit,
+    scale_edit,
+)
+from nnobs.measure import stats
+from nnobs.models.adapter import Edit, ModelAdapter
+
+MODES = ("zero", "mean", "resample")
+DIRECTION_MODES = ("project_out", "scale")
+
+
+# ------------------------------------------------------------------------- mean cache
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """Short sha256 over every parameter and buffer (names, shapes, dtypes, bytes)."""
+    h = hashlib.sha256()
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def tokens_fingerprint(tokens: torch.Tensor | np.ndarray) -> str:
+    array = np.ascontiguousarray(np.asarray(tokens, dtype=np.int64))
+    return hashlib.sha256(f"{array.shape}".encode() + array.tobytes()).hexdigest()[:16]
+
+
+def default_means_dir() -> Path:
+    from nnobs.data.corpus import default_cache_dir
+
+    return default_cache_dir() / "means"
+
+
+def mean_activations(
+    adapter: ModelAdapter,
+    sites: Sequence[str],
+    reference: torch.Tensor | np.ndarray,
+    *,
+    reference_info: dict | None = None,
+    cache_dir: str | Path | None = None,
+    batch_size: int = 16,
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """Mean activation of each site over the reference token windows (batch and positions).
+
+    Cached as ``means-<key>.safetensors`` plus a JSON file of provenance; the key hashes the
+    model's weights and the reference tokens, so a change in either (another checkpoint, a
+    different corpus, more tokens) misses the cache. Returns the means and a description of
+    the cache entry (its path, whether it was a hit, what it was computed from).
+    """
+    tokens = torch.as_tensor(np.asarray(reference), dtype=torch.long)
+    if tokens.dim() != 2 or tokens.numel() == 0:
+        raise NnobsError("the mean-ablation reference must be a non-empty (windows, tokens) array")
+    for site in sites:
+        adapter.resolve(site)
+        if position_axis(site) != 1:
+            raise NnobsError(f"{site!r} has no mean over positions: ablate head_out instead")
+    model_fp = weights_fingerprint(adapter.model)
+    ref_fp = tokens_fingerprint(tokens)
+    key = hashlib.sha256(f"{model_fp}:{ref_fp}".encode()).hexdigest()[:16]
+    folder = Path(cache_dir) if cache_dir is not None else default_means_dir()
+    path, meta_path = folder / f"means-{key}.safetensors", folder / f"means-{key}.json"
+    stored: dict[str, torch.Tensor] = {}
+    if path.is_file():
+        try:
+            stored = load_file(str(path))
+        except Exception:  # noqa: BLE001 - a damaged cache file is recomputed and rewritten
+            stored = {}
+    missing = [s for s in sites if s not in stored]
+    if missing:
+        stored.update(_compute_means(adapter, missing, tokens, batch_size))
+        with atomic_path(path) as tmp:
+            save_file({k: v.contiguous() for k, v in stored.items()}, str(tmp))
+        meta = {
+            "model": {"weights": model_fp, "provenance": _jsonable(adapter.provenance)},
+            "reference": {
+                **(reference_info or {}),
+                "tokens_fingerprint": ref_fp,
+                "n_windows": int(tokens.shape[0]),
+                "n_tokens": int(tokens.numel()),
+            },
+            "sites": sorted(stored),
+        }
+        write_json(meta_path, meta)
+    info = {"path": str(path), "key": key, "hit": not missing, "weights": model_fp}
+    info["reference"] = json.loads(meta_path.read_text())["reference"]
+    means = {s: stored[s].to(adapter.device) for s in sites}
+    return means, info
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=str))
+
+
+def _compute_means(adapter, sites, tokens, batch_size) -> dict[str, torch.Tensor]:
+    sums: dict[str, torch.Tensor] = {}
+    count = 0
+    for start in range(0, len(tokens), batch_size):
+        ids = tokens[start : start + batch_size].to(adapter.device)
+        _, cache = adapter.run_with_cache(ids, sites)
+        for site in sites:
+            total = cache[site].double().sum(dim=(0, 1)).cpu()
+            sums[site] = sums[site] + total if site in sums else total
+        count += ids.numel()
+    return {site: (total / count).float() for site, total in sums.items()}
+
+
+# ------------------------------------------------------------------------- measures
+
+
+def _token_losses(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy per position (batch, pos - 1)."""
+    logits = logits[:, :-1].float()
+    return F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none").view(
+        ids.shape[0], -1
+    )
+
+
+def _batches(n: int, batch_size: int):
+    for start in range(0, n, batch_size):
+        yield torch.arange(start, min(n, start + batch_size))
+
+
+def _derangement(n: int, rng: np.random.Generator) -> np.ndarray:
+    """A random permutation with no fixed point: shuffle, then send each to the next."""
+    order = rng.permutation(n)
+    perm = np.empty(n, dtype=np.int64)
+    perm[order] = np.roll(order, -1)
+    return perm
+
+
+def _examples(task: EncodedTask | None, windows: torch.Tensor | None):
+    """Groups of equal-length examples: (example indices, ids, answers or None)."""
+    if (task is None) == (windows is None):
+        raise NnobsError("give either a task (logit difference) or corpus windows (loss)")
+    if windows is not None:
+        if windows.dim() != 2 or windows.shape[0] < 1 or windows.shape[1] < 2:
+            raise NnobsError("windows must be a (n, tokens) array with at least 2 tokens each")
+        return [(np.arange(len(windows)), windows, None)]
+    out = []
+    for group in task.groups():
+        ids = torch.tensor([task.clean[i] for i in group], dtype=torch.long)
+        answers = torch.tensor([[task.correct[i], task.incorrect[i]] for i in group])
+        out.append((np.asarray(group), ids, answers))
+    return out
+
+
+def _measure(adapter, ids, answers, edits) -> np.ndarray:
+    """Per example: mean next-token loss (windows) or last-position logit difference."""
+    logits, _ = adapter.run_with_cache(ids.to(adapter.device), [], edits=edits)
+    if answers is None:
+        return _token_losses(logits, ids.to(adapter.device)).mean(1).cpu().numpy()
+    last = logits[:, -1].float().cpu()
+    rows = torch.arange(len(last))
+    return (last[rows, answers[:, 0]] - last[rows, answers[:, 1]]).numpy()
+
+
+def _summary(base: np.ndarray, new: np.ndarray, n_boot: int, seed: int) -> dict:
+    delta = new - base
+    lo, hi = (
+        stats.bootstrap_ci(np.mean, delta, n_boot=n_boot, seed=seed)
+        if len(delta) > 1
+        else (float("nan"), float("nan"))
+    )
+    return {
+        "base": float(base.mean()),
+        "ablated": float(new.mean()),
+        "delta": float(delta.mean()),
+        "delta_ci95": [lo, hi],
+    }
+
+
+def ablate(
+    adapter: ModelAdapter,
+    target: Target,
+    mode: str = "zero",
+    *,
+    task: EncodedTask | None = None,
+    windows: torch.Tensor | np.ndarray | None = None,
+    reference: torch.Tensor | np.ndarray | None = None,
+    reference_info: dict | None = None,
+    cache_dir: str | Path | None = None,
+    seed: int = 0,
+    n_boot: int = 1000,
+    batch_size: int = 16,
+) -> dict:
+    """Ablate ``target`` and measure the change, per example and on average.
+
+    With ``task`` the measure is the logit difference on the clean prompts; with
+    ``windows`` (token windows of a corpus) the mean next-token loss per window. ``mean``
+    needs ``reference`` windows (the corpus the mean is taken over); ``resample`` draws
+    each example's replacement from another example of the same length (a random
+    derangement, seeded), dropping examples that have none. Returns a result document.
+    """
+    if mode not in MODES:
+        raise NnobsError(f"unknown ablation mode {mode!r}: choose one of {', '.join(MODES)}")
+    if position_axis(target.site) != 1:
+        raise NnobsError(f"{target.site!r} cannot be ablated by position: ablate head_out instead")
+    windows_t = None if windows is None else torch.as_tensor(np.asarray(windows), dtype=torch.long)
+    groups = _examples(task, windows_t)
+    mean_info = None
+    replacement: torch.Tensor | float = 0.0
+    if mode == "mean":
+        if reference is None:
+            raise NnobsError("mean ablation needs reference windows to take the mean over")
+        means, mean_info = mean_activations(
+            adapter, [target.site], reference, reference_info=reference_info, cache_dir=cache_dir
+        )
+        replacement = means[target.site]
+    rng = np.random.default_rng(seed)
+    index, base, new, dropped = [], [], [], 0
+    for examples, ids, answers in groups:
+        if mode == "resample" and len(examples) < 2:
+            dropped += len(examples)
+            continue
+        source = _derangement(len(examples), rng) if mode == "resample" else None
+        for rows in _batches(len(examples), batch_size):
+            a = None if answers is None else answers[rows]
+            if source is not None:
+                src_ids = ids[source[rows.numpy()]].to(adapter.device)
+                _, cache = adapter.run_with_cache(src_ids, [target.site])
+                replacement = cache[target.site]
+            edit = replace_edit(target, replacement)
+            base.append(_measure(adapter, ids[rows], a, {}))
+            new.append(_measure(adapter, ids[rows], a, {target.site: edit}))
+            index.append(examples[rows.numpy()])
+    if not base:
+        raise NnobsError(
+            "resample ablation needs at least two examples of the same token length; "
+            "use more items or windows"
+        )
+    base_v, new_v = np.concatenate(base), np.concatenate(new)
+    measure = "logit_diff" if task is not None else "loss"
+    result = {
+        "measure": measure,
+        "target": target.describe(),
+        "mode": mode,
+        "n_examples": int(len(base_v)),
+        "n_dropped": dropped,
+        **_summary(base_v, new_v, n_boot, seed),
+        "per_example": {
+            "index": np.concatenate(index).tolist(),
+            "base": base_v.tolist(),
+            "ablated": new_v.tolist(),
+        },
+    }
+    if task is not None:
+        result["accuracy"] = {
+            "base": float((base_v > 0).mean()),
+            "ablated": float((new_v > 0).mean()),
+        }
+    settings = {"seed": seed, "n_boot": n_boot, "batch_size": batch_size}
+    data = {"task": task.describe()} if task is not None else {"windows": _windows_info(windows_t)}
+    return document(adapter, "ablation", settings, **data, mean_cache=mean_info, ablation=result)
+
+
+def _windows_info(windows: torch.Tensor) -> dict:
+    return {
+        "n_windows": int(windows.shape[0]),
+        "window": int(windows.shape[1]),
+        "tokens_fingerprint": tokens_fingerprint(windows),
+    }
+
+
+# ------------------------------------------------------------------------- direction test
+
+
+def _pass_stats(
+    adapter: ModelAdapter,
+    windows: torch.Tensor,
+    layers: Sequence[int],
+    edits: dict,
+    batch_size: int,
+) -> dict[str, np.ndarray]:
+    """Per token (positions with a next token): loss, max softmax, and per layer the
+    residual stream after it and its norm. Per window: mean loss and mean max softmax."""
+    sites = [adapter.site_name(layer) for layer in layers]
+    out: dict[str, list] = {"loss": [], "max_softmax": [], **{s: [] for s in sites}}
+    for rows in _batches(len(windows), batch_size):
+        ids = windows[rows].to(adapter.device)
+        with torch.no_grad(), adapter.hooks(sites, edits) as cache:
+            logits = adapter.forward(ids)
+        out["loss"].append(_token_losses(logits, ids).cpu())
+        out["max_softmax"].append(logits[:, :-1].float().softmax(-1).amax(-1).cpu())
+        for s in sites:
+            out[s].append(cache[s][:, :-1].float().cpu())
+    arrays = {k: torch.cat(v).numpy() for k, v in out.items()}
+    return arrays
+
+
+def _pcorr(acts: np.ndarray, loss: np.ndarray, softmax: np.ndarray, direction) -> float:
+    h = acts.reshape(-1, acts.shape[-1])
+    norm = np.linalg.norm(h, axis=1)
+    cov = np.column_stack([softmax.reshape(-1), norm])
+    return stats.partial_spearman(h @ direction, loss.reshape(-1), cov)
+
+
+def fit_layer_probes(
+    adapter: ModelAdapter,
+    layers: Sequence[int],
+    windows: torch.Tensor | np.ndarray,
+    batch_size: int = 16,
+) -> dict[int, np.ndarray]:
+    """Decision-quality probe directions at ``layers`` fitted on ``windows`` (label: loss
+    worse than max softmax and norm predict, as in the protocol)."""
+    from nnobs.measure.probes import LinearProbe
+
+    windows = torch.as_tensor(np.asarray(windows), dtype=torch.long)
+    data = _pass_stats(adapter, windows, layers, {}, batch_size)
+    loss, softmax = data["loss"].reshape(-1), data["max_softmax"].reshape(-1)
+    probes = {}
+    for layer in layers:
+        h = data[adapter.site_name(layer)].reshape(-1, adapter.d_model)
+        cov = np.column_stack([softmax, np.linalg.norm(h, axis=1)])
+        label = stats.LossResidualizer().fit(cov, loss).residual(cov, loss) > 0
+        probes[layer] = LinearProbe(resample=False).fit(h, label).direction
+    return probes
+
+
+def direction_intervention(
+    adapter: ModelAdapter,
+    layer: int,
+    direction: np.ndarray | Sequence[float],
+    windows: torch.Tensor | np.ndarray,
+    *,
+    mode: str = "project_out",
+    factor: float = 0.0,
+    probes: dict[int, np.ndarray] | None = None,
+    seed: int = 0,
+    n_boot: int = 1000,
+    batch_size: int = 16,
+) -> dict:
+    """Remove (``project_out``) or scale (``scale`` by ``factor``) the component of the
+    residual stream after block ``layer`` along ``direction``, on every token of
+    ``windows``, and report the change in mean loss and in mean max softmax (intervals over
+    windows), and for each later layer with a probe in ``probes`` (layer -> direction) the
+    probe's pcorr before and after. Pass the observe result's ``probe.layer`` and
+    ``probe.direction`` (see :func:`probe_from_observe`).
+    """
+    if mode not in DIRECTION_MODES:
+        raise NnobsError(f"unknown direction mode {mode!r}: use {' or '.join(DIRECTION_MODES)}")
+    site = adapter.site_name(layer)
+    target = make_target(adapter, site, direction=direction)
+    edit: Edit = project_out(target) if mode == "project_out" else scale_edit(target, factor)
+    windows_t = torch.as_tensor(np.asarray(windows), dtype=torch.long)
+    _examples(None, windows_t)
+    later = sorted(probes) if probes else []
+    for l_probe in later:
+        if not layer < l_probe < adapter.n_layers:
+            raise NnobsError(
+                f"probe layer {l_probe} is not after the intervention layer {layer} "
+                f"(the model has layers 0..{adapter.n_layers - 1})"
+            )
+    layers = [layer, *later]
+    before = _pass_stats(adapter, windows_t, layers, {}, batch_size)
+    after = _pass_stats(adapter, windows_t, layers, {site: edit}, batch_size)
+    unit = target.direction.numpy()
+
+    def per_window(d: dict, key: str) -> np.ndarray:
+        return d[key].mean(1)
+
+    signal = []
+    for l_probe in later:
+        s, w = adapter.site_name(l_probe), np.asarray(probes[l_probe], dtype=np.float64)
+        signal.append(
+            {
+                "layer": l_probe,
+                "pcorr_before": _pcorr(before[s], before["loss"], before["max_softmax"], w),
+                "pcorr_after": _pcorr(after[s], after["loss"], after["max_softmax"], w),
+            }
+        )
+    result = {
+        "layer": layer,
+        "site": site,
+        "mode": mode,
+        "factor": factor if mode == "scale" else 0.0,
+        "loss": _summary(per_window(before, "loss"), per_window(after, "loss"), n_boot, seed),
+        "max_softmax": _summary(
+            per_window(before, "max_softmax"), per_window(after, "max_softmax"), n_boot, seed
+        ),
+        "component": {
+            "before": float(np.abs(before[site] @ unit).mean()),
+            "after": float(np.abs(after[site] @ unit).mean()),
+        },
+        "later_layers": signal,
+    }
+    settings = {"seed": seed, "n_boot": n_boot, "batch_size": batch_size}
+    return document(
+        adapter, "direction", settings, windows=_windows_info(windows_t), direction=result
+    )
+
+
+def probe_from_observe(doc: dict) -> tuple[int, np.ndarray]:
+    """The (layer, unit direction) of the probe stored in an ``nnobs observe`` result."""
+    probe = doc.get("probe") if isinstance(doc, dict) else None
+    if not isinstance(probe, dict) or "direction" not in probe or "layer" not in probe:
+        raise NnobsError("the result has no probe direction: pass an nnobs observe result")
+    return int(probe["layer"]), np.asarray(probe["direction"], dtype=np.float64)
+
+
+def corpus_windows(
+    tokenizer: Any, corpus: str, split: str, n_windows: int, length: int
+) -> tuple[torch.Tensor, dict]:
+    """The first ``n_windows`` consecutive windows of ``length`` tokens of a corpus split,
+    and where they came from (for results and the mean cache)."""
+    from nnobs.data.corpus import load_corpus
+    from nnobs.data.encoding import token_stream
+
+    if n_windows < 1 or length < 2:
+        raise NnobsError("need at least one window of at least 2 tokens")
+    loaded = load_corpus(corpus)
+    stream = token_stream(loaded.split(split), tokenizer)
+    if len(stream) < n_windows * length:
+        raise NnobsError(
+            f"the {split} split of {corpus!r} has {len(stream)} tokens, fewer than "
+            f"{n_windows} windows of {length}: ask for fewer or shorter windows"
+        )
+    windows = torch.from_numpy(stream[: n_windows * length].astype(np.int64)).view(n_windows, -1)
+    info = {"corpus": corpus, "fingerprint": loaded.fingerprint, "split": split}
+    return windows, info

@@ -1,0 +1,58 @@
+"""Load any model nnobs understands (an nnobs run or checkpoint, a Hugging Face causal LM)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from nnobs.core.rundir import is_nnobs_path
+from nnobs.models.adapter import ModelAdapter, nnobs_adapter
+
+
+def random_init_like(adapter: ModelAdapter, seed: int = 0) -> ModelAdapter:
+    """The same architecture with freshly initialised weights: the detection floor's null model."""
+    from nnobs.models.transformer import Transformer
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if isinstance(adapter.model, Transformer):
+            model = Transformer(adapter.model.config)
+            wrap = nnobs_adapter
+        else:
+            from transformers import AutoModelForCausalLM
+
+            from nnobs.models.hf import hf_adapter
+
+            model = AutoModelForCausalLM.from_config(adapter.model.config)
+            wrap = hf_adapter
+    dtype = next(adapter.model.parameters()).dtype
+    model = model.to(device=adapter.device, dtype=dtype).eval()
+    provenance = {**adapter.provenance, "random_init": True, "random_init_seed": seed}
+    return wrap(model, adapter.tokenizer, provenance)
+
+
+def load_model(
+    spec: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    trust_remote_code: bool = False,
+    step: int | None = None,
+) -> ModelAdapter:
+    """Load any model nnobs understands and wrap it in an adapter.
+
+    ``spec`` is an nnobs run directory (its latest checkpoint, or ``step``), an nnobs checkpoint
+    directory, or a Hugging Face causal LM given by local path or hub name.
+    """
+    from nnobs.models import hf
+    from nnobs.models.checkpoint import load_checkpoint
+
+    path = Path(spec)
+    if path.exists() and is_nnobs_path(path):
+        loaded = load_checkpoint(path, step=step)
+        model = loaded.model.to(device=device, dtype=dtype or torch.float32).eval()
+        return nnobs_adapter(model, loaded.tokenizer, loaded.provenance())
+    return hf.load_hf_model(
+        str(spec), device=device, dtype=dtype, trust_remote_code=trust_remote_code
+    )

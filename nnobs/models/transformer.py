@@ -1,0 +1,250 @@
+"""A decoder-only transformer whose architecture is the knobs of :class:`ModelConfig`.
+
+Every activation nnobs measures passes through a :class:`HookPoint`, an identity module
+placed at a named site (see :meth:`Transformer.hook_points`). Capture and intervention
+attach ordinary PyTorch forward hooks to those modules, so the model itself never knows
+it is being observed and an unhooked forward pass costs nothing extra.
+
+Site meanings (the same names the Hugging Face adapter gives):
+``embed`` token+position embedding; ``blocks.{l}.resid_pre`` input to block l;
+``attn_out`` / ``mlp_out`` what attention / the MLP add; ``resid_mid`` the stream between
+them; ``resid_post`` the output of block l; ``mlp_hidden`` the MLP neurons after the
+activation; ``attn_pattern`` attention weights (batch, heads, query, key); ``head_out``
+per-head outputs before the output projection (batch, pos, heads, d_head); ``final`` the
+stream after the final norm. With ``residual="none"`` or post-norm there is no plain
+running sum; ``resid_pre``/``resid_post`` are then simply the block's input and output.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nnobs.models.config import ModelConfig
+
+
+class HookPoint(nn.Module):
+    """Identity at a named site; forward hooks on it read or replace the activation."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.norm == "layernorm":
+        return nn.LayerNorm(config.d_model, bias=config.bias)
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.d_model)
+    return nn.Identity()
+
+
+def rope_tables(config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    half = config.head_dim // 2
+    inv_freq = config.rope_base ** (-torch.arange(half, dtype=torch.float32) / half)
+    angles = torch.outer(torch.arange(config.max_seq_len, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (first half, second half) of each head's channels; x is (b, h, t, d)."""
+    t = x.shape[-2]
+    cos, sin = cos[:t].to(x.dtype), sin[:t].to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv, self.d_head = config.n_heads, config.kv_heads, config.head_dim
+        self.q_proj = nn.Linear(config.d_model, self.n_heads * self.d_head, bias=config.bias)
+        self.k_proj = nn.Linear(config.d_model, self.n_kv * self.d_head, bias=config.bias)
+        self.v_proj = nn.Linear(config.d_model, self.n_kv * self.d_head, bias=config.bias)
+        self.o_proj = nn.Linear(self.n_heads * self.d_head, config.d_model, bias=config.bias)
+        self.rope = config.positions == "rope"
+        self.hook_pattern = HookPoint()
+        self.hook_head_out = HookPoint()
+
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.d_head).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.n_kv, self.d_head).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv, self.d_head).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if self.n_kv != self.n_heads:
+            k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+            v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+        if self.hook_pattern._forward_hooks:
+            # Someone observes or edits the pattern: materialise it (the fused kernel never does).
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.d_head)
+            causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+            pattern = self.hook_pattern(scores.masked_fill(~causal, float("-inf")).softmax(-1))
+            out = pattern @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        heads = self.hook_head_out(out.transpose(1, 2))  # (b, t, heads, d_head)
+        return self.o_proj(heads.reshape(b, t, self.n_heads * self.d_head))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig, width: int) -> None:
+        super().__init__()
+        self.gated = config.activation == "swiglu"
+        self.up = nn.Linear(config.d_model, width, bias=config.bias)
+        self.gate = nn.Linear(config.d_model, width, bias=config.bias) if self.gated else None
+        self.down = nn.Linear(width, config.d_model, bias=config.bias)
+        self.act = {"relu": F.relu, "gelu": F.gelu, "swiglu": F.silu}[config.activation]
+        self.hook_hidden = HookPoint()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.act(self.gate(x)) * self.up(x) if self.gated else self.act(self.up(x))
+        return self.down(self.hook_hidden(hidden))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.pre = config.norm_placement == "pre"
+        self.residual = config.residual == "add"
+        self.norm1, self.norm2 = make_norm(config), make_norm(config)
+        self.attn = Attention(config)
+        self.mlp = MLP(config, config.mlp_widths[layer])
+        self.hook_resid_pre = HookPoint()
+        self.hook_attn_out = HookPoint()
+        self.hook_resid_mid = HookPoint()
+        self.hook_mlp_out = HookPoint()
+        self.hook_resid_post = HookPoint()
+
+    def _sublayer(self, x: torch.Tensor, norm: nn.Module, fn, hook: HookPoint) -> torch.Tensor:
+        out = hook(fn(norm(x) if self.pre else x))
+        x = x + out if self.residual else out
+        return x if self.pre else norm(x)
+
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> torch.Tensor:
+        x = self.hook_resid_pre(x)
+        x = self.hook_resid_mid(
+            self._sublayer(x, self.norm1, lambda h: self.attn(h, rope), self.hook_attn_out)
+        )
+        return self.hook_resid_post(self._sublayer(x, self.norm2, self.mlp, self.hook_mlp_out))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+        self.pos_emb = (
+            nn.Embedding(config.max_seq_len, config.d_model)
+            if config.positions == "learned"
+            else None
+        )
+        self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.n_layers))
+        # Post-norm blocks already end in a norm; a final norm only makes sense for pre-norm.
+        self.final_norm = make_norm(config) if config.norm_placement == "pre" else nn.Identity()
+        self.unembed = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.unembed.weight = self.tok_emb.weight
+        self.hook_embed = HookPoint()
+        self.hook_final = HookPoint()
+        if config.positions == "rope":
+            cos, sin = rope_tables(config)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 initialisation: N(0, 0.02), output projections scaled by depth."""
+        out_std = 0.02 / math.sqrt(2 * self.config.n_layers)
+        for name, p in self.named_parameters():
+            if p.dim() < 2:
+                continue
+            std = out_std if name.endswith(("o_proj.weight", "down.weight")) else 0.02
+            nn.init.normal_(p, 0.0, std)
+        for module in self.modules():
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def hook_points(self) -> dict[str, HookPoint]:
+        """Every named site of the model, in forward order."""
+        sites: dict[str, HookPoint] = {"embed": self.hook_embed}
+        for layer, block in enumerate(self.blocks):
+            prefix = f"blocks.{layer}."
+            sites[prefix + "resid_pre"] = block.hook_resid_pre
+            sites[prefix + "attn_pattern"] = block.attn.hook_pattern
+            sites[prefix + "head_out"] = block.attn.hook_head_out
+            sites[prefix + "attn_out"] = block.hook_attn_out
+            sites[prefix + "resid_mid"] = block.hook_resid_mid
+            sites[prefix + "mlp_hidden"] = block.mlp.hook_hidden
+            sites[prefix + "mlp_out"] = block.hook_mlp_out
+            sites[prefix + "resid_post"] = block.hook_resid_post
+        sites["final"] = self.hook_final
+        return sites
+
+    def _rope(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return (self.rope_cos, self.rope_sin) if self.pos_emb is None else None
+
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        t = idx.shape[1]
+        if t > self.config.max_seq_len:
+            raise ValueError(
+                f"sequence of {t} tokens exceeds max_seq_len={self.config.max_seq_len}"
+            )
+        x = self.tok_emb(idx)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(t, device=idx.device))
+        return self.hook_embed(x)
+
+    def readout(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm and unembedding: stream → logits."""
+        return self.unembed(self.hook_final(self.final_norm(x)))
+
+    def stream(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token ids (batch, pos) → the residual stream after the last block."""
+        x = self.embed(idx)
+        for block in self.blocks:
+            x = block(x, self._rope())
+        return x
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token ids (batch, pos) → next-token logits (batch, pos, vocab)."""
+        return self.readout(self.stream(idx))
+
+    def training_loss(
+        self, idx: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Next-token cross-entropy, plus the intermediate-supervision term when configured.
+
+        Returns the loss to optimise and its parts (``lm_loss`` always, ``aux_loss`` if used).
+        """
+        cfg = self.config
+        x = self.embed(idx)
+        aux_logits = None
+        for layer, block in enumerate(self.blocks):
+            x = block(x, self._rope())
+            if cfg.aux_weight > 0 and layer == cfg.aux_layer:
+                aux_logits = self.unembed(self.final_norm(x))
+        logits = self.readout(x)
+        lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        parts = {"lm_loss": lm_loss}
+        if aux_logits is None:
+            return lm_loss, parts
+        parts["aux_loss"] = F.cross_entropy(aux_logits.flatten(0, 1).float(), targets.flatten())
+        return lm_loss + cfg.aux_weight * parts["aux_loss"], parts

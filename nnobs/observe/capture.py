@@ -1,0 +1,431 @@
+"""Token windows from documents, and one forward pass per batch that collects everything.
+
+:func:`make_windows` cuts documents into fixed-length windows that never cross a document
+boundary; :func:`capture` runs the model once per batch of windows and keeps, for every
+*valid* position (a real token whose next token is real and in the same document), the
+next-token loss, output confidence and entropy, and the activations and norms of the
+requested hook sites. Padding never enters a statistic.
+
+With ``directory`` set, per-token arrays are streamed front to back into ``.npy`` files
+(sequential writes, so process memory stays flat whatever the token budget) and come back
+as read-only memory maps; the layout is::
+
+    capture.json                 sites, token count, stats
+    loss.npy max_softmax.npy entropy.npy doc_ids.npy
+    acts/<site>.npy              (n, d) activations, float16 by default
+    norms/<site>.npy             (n,) float32 L2 norms (computed before any down-cast)
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from nnobs.core.errors import NnobsError
+from nnobs.core.files import atomic_path, read_json, write_json
+from nnobs.models.adapter import ModelAdapter
+
+FORMAT = "nnobs.capture"
+FORMAT_VERSION = 1
+SCALARS = ("loss", "max_softmax", "entropy")
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+# ------------------------------------------------------------------------------ windows
+
+
+@dataclass
+class Windows:
+    """Token windows cut from documents; no window crosses a document boundary.
+
+    ``input_ids`` and ``targets`` are right-padded with id 0; ``targets[i, t]`` is the token
+    after ``input_ids[i, t]``. Position t is valid iff token t and its target are real
+    tokens of the same document (``valid`` is always a prefix of each row).
+    """
+
+    input_ids: np.ndarray  # (n_windows, seq_len) int64
+    targets: np.ndarray  # (n_windows, seq_len) int64
+    valid: np.ndarray  # (n_windows, seq_len) bool
+    doc_ids: np.ndarray  # (n_windows,) int64: index of the source document
+
+    @property
+    def n_tokens(self) -> int:
+        """Number of valid (scored) positions."""
+        return int(self.valid.sum())
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.input_ids.shape[1])
+
+
+def make_windows(
+    docs_tokens: list[np.ndarray],
+    seq_len: int,
+    max_tokens: int | None = None,
+    seed: int = 0,
+    split: str = "corpus",
+) -> Windows:
+    """Cut documents into windows of ``seq_len`` inputs (+1 target token each).
+
+    Documents are taken in a seeded random order, each cut into consecutive windows of
+    ``seq_len + 1`` tokens (consecutive windows share one token, so every token after a
+    document's first is a target exactly once), until exactly ``max_tokens`` valid positions
+    are collected (all of them when None). ``split`` only names the split in errors.
+    """
+    if not isinstance(seq_len, int) or seq_len < 1:
+        raise NnobsError(f"seq_len must be a positive integer, got {seq_len!r}")
+    if max_tokens is not None and max_tokens < 1:
+        raise NnobsError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+    available = sum(max(len(d) - 1, 0) for d in docs_tokens)
+    if max_tokens is not None and available < max_tokens:
+        raise NnobsError(
+            f"corpus too small: it has {available} tokens in split {split}, the budget needs "
+            f"{max_tokens}; lower the budget (examples per dimension) or use a larger corpus"
+        )
+    if available == 0:
+        raise NnobsError(f"split {split} has no document of two or more tokens to score")
+    remaining = available if max_tokens is None else max_tokens
+    pieces: list[tuple[int, np.ndarray, int]] = []  # (document, chunk, valid positions)
+    for doc in np.random.default_rng(seed).permutation(len(docs_tokens)):
+        tokens = np.asarray(docs_tokens[doc])
+        for start in range(0, len(tokens) - 1, seq_len):
+            chunk = tokens[start : start + seq_len + 1]
+            n_valid = min(len(chunk) - 1, remaining)
+            pieces.append((int(doc), chunk, n_valid))
+            remaining -= n_valid
+            if remaining == 0:
+                break
+        if remaining == 0:
+            break
+
+    n = len(pieces)
+    input_ids = np.zeros((n, seq_len), dtype=np.int64)
+    targets = np.zeros((n, seq_len), dtype=np.int64)
+    valid = np.zeros((n, seq_len), dtype=bool)
+    for row, (_, chunk, n_valid) in enumerate(pieces):
+        inputs = chunk[:seq_len]
+        input_ids[row, : len(inputs)] = inputs
+        targets[row, : len(chunk) - 1] = chunk[1:]
+        valid[row, :n_valid] = True
+    doc_ids = np.array([doc for doc, _, _ in pieces], dtype=np.int64)
+    return Windows(input_ids, targets, valid, doc_ids)
+
+
+# ------------------------------------------------------------------------------ capture
+
+
+@dataclass
+class Capture:
+    """Per-token results of :func:`capture`, one row per valid position."""
+
+    loss: np.ndarray  # (n,) float32 next-token cross-entropy (nats)
+    max_softmax: np.ndarray  # (n,) float32 largest output probability
+    entropy: np.ndarray  # (n,) float32 output entropy (nats)
+    doc_ids: np.ndarray  # (n,) int64 source document of each token
+    acts: dict[str, np.ndarray]  # site -> (n, d) activations
+    norms: dict[str, np.ndarray]  # site -> (n,) float32 L2 norms
+    stats: dict[str, Any]
+
+    def _files(self) -> dict[str, np.ndarray]:
+        files = {f"{name}.npy": getattr(self, name) for name in (*SCALARS, "doc_ids")}
+        files.update({f"acts/{site}.npy": a for site, a in self.acts.items()})
+        files.update({f"norms/{site}.npy": a for site, a in self.norms.items()})
+        return files
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write every array as ``.npy`` plus ``capture.json`` (written last)."""
+        directory = Path(directory)
+        for name, array in self._files().items():
+            path = directory / name
+            if isinstance(array, np.memmap) and Path(array.filename).resolve() == path.resolve():
+                continue  # already streamed there by capture()
+            with atomic_path(path) as tmp, open(tmp, "wb") as f:
+                np.save(f, np.asarray(array), allow_pickle=False)
+        _write_meta(directory, len(self.loss), list(self.acts), self.stats)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, mmap: bool = True) -> Capture:
+        """Read a saved capture; activations stay on disk as read-only memory maps."""
+        directory = Path(directory)
+        meta = read_json(directory / "capture.json", "capture")
+        if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
+            raise NnobsError(f"{directory} does not hold an nnobs capture of version 1")
+        n, sites = int(meta["tokens"]), list(meta["sites"])
+
+        def read(name: str, big: bool = False) -> np.ndarray:
+            path = directory / name
+            try:
+                array = np.load(path, mmap_mode="r" if big and mmap else None, allow_pickle=False)
+            except (OSError, ValueError) as e:
+                raise NnobsError(f"capture file {path} is missing or damaged: {e}") from None
+            if len(array) != n:
+                raise NnobsError(f"capture file {path} has {len(array)} rows, expected {n}")
+            return array
+
+        return cls(
+            **{name: read(f"{name}.npy") for name in (*SCALARS, "doc_ids")},
+            acts={s: read(f"acts/{s}.npy", big=True) for s in sites},
+            norms={s: read(f"norms/{s}.npy") for s in sites},
+            stats=meta["stats"],
+        )
+
+
+def _write_meta(directory: Path, n: int, sites: list[str], stats: dict[str, Any]) -> None:
+    meta = {"format": FORMAT, "version": FORMAT_VERSION, "tokens": n, "sites": sites}
+    write_json(directory / "capture.json", {**meta, "stats": stats})
+
+
+class _Column:
+    """One per-token array filled front to back: in RAM, or streamed into a ``.npy`` file."""
+
+    def __init__(self, n: int, tail: tuple[int, ...], dtype, file: BinaryIO | None) -> None:
+        self.shape, self.dtype, self.file, self.filled = (n, *tail), np.dtype(dtype), file, 0
+        if file is None:
+            self.array = np.empty(self.shape, self.dtype)
+        else:
+            header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False}
+            np.lib.format.write_array_header_1_0(file, {**header, "shape": self.shape})
+
+    def write(self, rows: np.ndarray) -> None:
+        rows = np.ascontiguousarray(rows, dtype=self.dtype)
+        if self.file is None:
+            self.array[self.filled : self.filled + len(rows)] = rows
+        else:
+            self.file.write(rows.data)
+        self.filled += len(rows)
+
+
+class _Columns:
+    """Creates columns in RAM or, under ``directory``, as files renamed into place on success."""
+
+    def __init__(self, n: int, directory: Path | None, stack: ExitStack) -> None:
+        self.n, self.directory, self.stack = n, directory, stack
+        self.columns: dict[str, _Column] = {}
+
+    def add(self, name: str, tail: tuple[int, ...], dtype) -> _Column:
+        file = None
+        if self.directory is not None:
+            tmp = self.stack.enter_context(atomic_path(self.directory / f"{name}.npy"))
+            file = self.stack.enter_context(open(tmp, "wb"))  # noqa: SIM115 (stack closes it)
+        self.columns[name] = _Column(self.n, tail, dtype, file)
+        return self.columns[name]
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {name: c.array for name, c in self.columns.items()}
+
+
+def _peak_rss_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def _check_windows(windows: Windows, vocab_size: int) -> None:
+    shape = windows.input_ids.shape
+    if windows.targets.shape != shape or windows.valid.shape != shape or len(shape) != 2:
+        raise NnobsError("windows are inconsistent: input_ids, targets and valid differ in shape")
+    if len(windows.doc_ids) != shape[0]:
+        raise NnobsError("windows are inconsistent: one doc_id is needed per window")
+    if windows.n_tokens == 0:
+        raise NnobsError("no valid token positions to capture: the windows are all padding")
+    used = np.concatenate([windows.input_ids[windows.valid], windows.targets[windows.valid]])
+    low, high = int(used.min()), int(used.max())
+    if low < 0 or high >= vocab_size:
+        raise NnobsError(
+            f"token id {high if high >= vocab_size else low} is outside the model's vocabulary "
+            f"of {vocab_size}: the tokenizer does not match the model"
+        )
+
+
+def _output_stats(
+    rows: torch.Tensor,
+    targets: torch.Tensor,
+    keep: torch.Tensor | None,
+    to_logits: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    vocab_size: int | None = None,
+) -> torch.Tensor:
+    """(3, k) float32 rows: loss, max softmax and entropy of the kept positions.
+
+    ``rows`` is (positions, vocab) logits, or with ``to_logits`` (positions, d) final
+    residual-stream rows that it maps to logits; ``keep`` the indices of valid positions (None:
+    all). Work goes in row chunks: on CPU each chunk's passes then stay in cache (several times
+    faster than whole-batch passes), on GPU the float32 copy stays bounded for any vocab, and
+    with ``to_logits`` no (positions, vocab) tensor is ever allocated.
+    """
+    if keep is not None and 2 * len(keep) >= len(rows):
+        # Mostly valid: computing the few padded rows too is cheaper than gathering the rest.
+        return _output_stats(rows, targets, None, to_logits, vocab_size)[:, keep]
+    n = rows.shape[0] if keep is None else len(keep)
+    vocab = rows.shape[-1] if to_logits is None else vocab_size
+    step = max(1, (2**19 if rows.device.type == "cpu" else 2**26) // vocab)
+    if to_logits is not None:  # each chunk re-reads the (d × vocab) unembedding: amortise it
+        step = max(step, rows.shape[-1])
+    out = torch.empty(3, n, device=rows.device)
+    for first in range(0, n, step):
+        part = slice(first, first + step)
+        z = rows[part] if keep is None else rows.index_select(0, keep[part])
+        z = (z if to_logits is None else to_logits(z)).float()
+        target = targets[part] if keep is None else targets.index_select(0, keep[part])
+        p = torch.softmax(z, dim=-1)
+        top = p.amax(dim=-1)
+        lse = z.amax(dim=-1) - top.log()  # the top token's probability is exp(max z − lse)
+        pz = torch.linalg.vecdot(p, z)
+        if not torch.isfinite(pz).all():  # 0 × −inf from masked vocabulary entries
+            pz = torch.where(p > 0, p * z, 0.0).sum(dim=-1)
+        out[0, part] = lse - z.gather(1, target[:, None]).squeeze(1)
+        out[1, part] = top
+        out[2, part] = lse - pz  # H = −Σ p log p = lse − Σ p z
+    return out
+
+
+def _site_rows(name: str, value: torch.Tensor, batch: tuple[int, int], keep) -> torch.Tensor:
+    if tuple(value.shape[:2]) != batch:
+        raise NnobsError(
+            f"site {name} has shape {tuple(value.shape)}, not (batch, pos, ...): only "
+            "per-token sites can be captured"
+        )
+    rows = value.flatten(0, 1)
+    return (rows if keep is None else rows[keep]).flatten(1)
+
+
+def capture(
+    adapter: ModelAdapter,
+    windows: Windows,
+    sites: list[str],
+    *,
+    batch_size: int = 16,
+    dtype=np.float16,
+    directory: str | os.PathLike | None = None,
+    progress: bool = True,
+    desc: str = "capture",
+) -> Capture:
+    """One forward pass per batch of windows: output statistics and site activations.
+
+    Activations are stored as ``dtype`` (float16 or float32); norms are computed in float32
+    before the cast. With ``directory``, arrays are streamed to disk and the result's
+    activations are read-only memory maps of those files.
+    """
+    sites = list(dict.fromkeys(sites))
+    for site in sites:
+        adapter.resolve(site)
+        if site.endswith(".attn_pattern"):
+            raise NnobsError(
+                f"{site} is (heads × pos × pos) per sequence, not a per-token activation; "
+                "read it with adapter.run_with_cache"
+            )
+    dtype = np.dtype(dtype)
+    if dtype not in (np.float16, np.float32):
+        raise NnobsError(f"activations are stored as float16 or float32, not {dtype}")
+    if batch_size < 1:
+        raise NnobsError(f"batch_size must be a positive integer, got {batch_size}")
+    _check_windows(windows, adapter.vocab_size)
+    torch_dtype = torch.float16 if dtype == np.float16 else torch.float32
+    out_dir = Path(directory) if directory is not None else None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "capture.json").unlink(missing_ok=True)  # no stale capture while writing
+
+    n, n_windows = windows.n_tokens, len(windows.input_ids)
+    device = adapter.device
+    # Logits a few rows at a time from the final stream, unless a site inside the readout is
+    # wanted (its hook would then see one chunk at a time).
+    fused = (
+        adapter.stream_fn is not None and adapter.unembed_fn is not None and "final" not in sites
+    )
+    start = time.perf_counter()
+    with ExitStack() as stack:
+        columns = _Columns(n, out_dir, stack)
+        scalars = {name: columns.add(name, (), np.float32) for name in SCALARS}
+        columns.add("doc_ids", (), np.int64).write(np.repeat(windows.doc_ids, windows.valid.sum(1)))
+        acts: dict[str, _Column] = {}
+        norms = {site: columns.add(f"norms/{site}", (), np.float32) for site in sites}
+        bar = stack.enter_context(
+            tqdm(total=n_windows, desc=desc, unit="window", disable=not progress, leave=False)
+        )
+        for first in range(0, n_windows, batch_size):
+            batch = slice(first, first + batch_size)
+            valid_np = windows.valid[batch]
+            ids = torch.from_numpy(windows.input_ids[batch]).to(device)
+            valid = torch.from_numpy(valid_np).to(device)
+            targets = torch.from_numpy(windows.targets[batch]).to(device).flatten()
+            with torch.inference_mode(), adapter.hooks(capture=sites) as cache:
+                # Full windows (the common case) need no gather: every position is kept.
+                keep = None if valid_np.all() else valid.flatten().nonzero().squeeze(1)
+                if fused:
+                    stream = adapter.stream_fn(ids, valid.long()).flatten(0, 1)
+                    out = _output_stats(
+                        stream, targets, keep, adapter.unembed_fn, adapter.vocab_size
+                    )
+                else:
+                    logits = adapter.forward(ids, valid.long()).flatten(0, 1)
+                    out = _output_stats(logits, targets, keep)
+                for site in sites:
+                    rows = _site_rows(site, cache[site], tuple(ids.shape), keep)
+                    norm = rows.float().norm(dim=1)
+                    # One scalar answers both checks: a row's norm bounds its every entry.
+                    worst = float(norm.max()) if len(norm) else 0.0
+                    if not np.isfinite(worst):
+                        bad = int((~torch.isfinite(rows)).sum())
+                        raise NnobsError(
+                            f"{site} has {bad} non-finite values; the model is numerically "
+                            "broken at this layer — try float32"
+                        )
+                    if torch_dtype == torch.float16 and worst > FLOAT16_MAX:
+                        peak = float(rows.float().abs().max())
+                        if peak > FLOAT16_MAX:
+                            raise NnobsError(
+                                f"{site} has values up to {peak:.3g}, beyond float16's range "
+                                f"({FLOAT16_MAX:.0f}); capture with dtype float32"
+                            )
+                    stored = rows.to(torch_dtype)
+                    if site not in acts:
+                        acts[site] = columns.add(f"acts/{site}", (rows.shape[1],), dtype)
+                    acts[site].write(stored.cpu().numpy())
+                    norms[site].write(norm.cpu().numpy())
+                # Checked after the sites, so a broken layer is named before its effect.
+                bad = int((~torch.isfinite(out[0])).sum())
+                if bad:
+                    raise NnobsError(
+                        f"the loss has {bad} non-finite values; the model is numerically "
+                        "broken at its output — try float32"
+                    )
+                for name, row in zip(SCALARS, out.cpu().numpy(), strict=True):
+                    scalars[name].write(row)
+            bar.update(len(valid_np))
+        seconds = time.perf_counter() - start
+        arrays = columns.arrays() if out_dir is None else {}
+    stats = {
+        "tokens": n,
+        "windows": n_windows,
+        "seq_len": windows.seq_len,
+        "batch_size": batch_size,
+        "seconds": round(seconds, 3),
+        "tokens_per_second": round(n / seconds, 1) if seconds > 0 else None,
+        "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "bytes_on_disk": 0,
+        "dtype": dtype.name,
+        "sites": sites,
+        "device": str(device),
+    }
+    if out_dir is None:
+        return Capture(
+            **{name: arrays[name] for name in (*SCALARS, "doc_ids")},
+            acts={s: arrays[f"acts/{s}"] for s in sites},
+            norms={s: arrays[f"norms/{s}"] for s in sites},
+            stats=stats,
+        )
+    stats["bytes_on_disk"] = sum(
+        (out_dir / f"{name}.npy").stat().st_size for name in columns.columns
+    )
+    _write_meta(out_dir, n, sites, stats)
+    return Capture.load(out_dir)
