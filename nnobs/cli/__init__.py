@@ -19,7 +19,9 @@ from nnobs.core.version import __version__
 COMMAND_MODULES = [
     "nnobs.cli.train",
     "nnobs.cli.observe",
-    "nnobs.cli.interventions",
+    "nnobs.cli.patch",
+    "nnobs.cli.ablate",
+    "nnobs.cli.attribute",
     "nnobs.cli.study",
     "nnobs.cli.report",
 ]

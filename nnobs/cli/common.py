@@ -1,7 +1,16 @@
-"""Subcommands of the ``nnobs`` command line, one module each (see :mod:`nnobs.cli`)."""
+"""Argument types and option groups shared by the subcommands (see :mod:`nnobs.cli`)."""
+
+from __future__ import annotations
 
 import argparse
 import re
+from typing import TYPE_CHECKING
+
+from nnobs.core.errors import NnobsError
+
+if TYPE_CHECKING:  # imported when run, inside the functions, to keep ``nnobs --help`` fast
+    from nnobs.data.tasks import EncodedTask
+    from nnobs.models.adapter import ModelAdapter
 
 
 def int_list(text: str) -> list[int]:
@@ -35,3 +44,48 @@ def add_source(parser: argparse.ArgumentParser, preset_help: str, config_help: s
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--preset", metavar="NAME", help=preset_help)
     source.add_argument("--config", metavar="FILE", help=config_help)
+
+
+def add_intervention_args(parser: argparse.ArgumentParser) -> None:
+    """The options every intervention command takes: model, output, device, batch, seed."""
+    parser.add_argument(
+        "--model", required=True, help="nnobs run directory or checkpoint, or a HF model path"
+    )
+    parser.add_argument("--out", required=True, metavar="DIR", help="directory for the results")
+    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--step", type=int, help="checkpoint step of an nnobs run (default: last)")
+    parser.add_argument("--batch-size", type=int, default=32, help="rows per forward pass")
+    parser.add_argument("--seed", type=int, default=0, help="seed for resampling and bootstrap")
+
+
+def add_task_args(parser: argparse.ArgumentParser, required: bool) -> None:
+    """--task, --n-items and --align: the prompt-pair task an intervention runs on."""
+    parser.add_argument(
+        "--task", required=required, help="built-in task (quote, bracket, paren, loop) or JSONL"
+    )
+    parser.add_argument("--n-items", type=int, default=64, help="items of a built-in task")
+    parser.add_argument(
+        "--align",
+        choices=("left", "right"),
+        help="line up clean and corrupted prompts of different token lengths",
+    )
+
+
+def load_adapter(args: argparse.Namespace) -> ModelAdapter:
+    """The model named by --model (at --step) on --device."""
+    from nnobs.models.load import load_model
+
+    return load_model(args.model, device=args.device, step=args.step)
+
+
+def load_task_from_args(
+    args: argparse.Namespace, adapter: ModelAdapter, equal_length: bool
+) -> EncodedTask:
+    """The task named by --task, tokenized by the model's tokenizer."""
+    from nnobs.data.tasks import load_task
+
+    if args.n_items < 1:
+        raise NnobsError(f"--n-items must be a positive integer, got {args.n_items}")
+    return load_task(
+        args.task, adapter.tokenizer, equal_length=equal_length, align=args.align, n=args.n_items
+    )
