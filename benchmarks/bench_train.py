@@ -19,12 +19,13 @@ from pathlib import Path
 
 import torch
 
+from nnobs.core.rundir import read_metrics
 from nnobs.data.corpus import load_corpus
 from nnobs.data.encoding import token_stream
 from nnobs.data.tokenizer import get_tokenizer
 from nnobs.models.transformer import Transformer
 from nnobs.training.runconfig import load_run_config
-from nnobs.training.trainer import TrainConfig, read_metrics, train
+from nnobs.training.trainer import TrainConfig, train
 
 
 def trainer_throughput(mc, tc: TrainConfig, out: Path) -> float:

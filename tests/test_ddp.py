@@ -8,8 +8,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from nnobs.core.rundir import resolve_checkpoint
-from nnobs.training.trainer import read_metrics
+from nnobs.core.rundir import read_metrics, resolve_checkpoint
 
 ARGS = ["train", "--preset", "tiny", "--no-progress", "--set", "train.steps=30",
         "--set", "train.max_chars=60000", "--set", "train.device='cpu'"]  # fmt: skip

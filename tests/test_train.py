@@ -7,7 +7,7 @@ import torch
 
 from nnobs.core.errors import NnobsError
 from nnobs.core.files import read_json
-from nnobs.core.rundir import list_checkpoints, read_meta, resolve_checkpoint
+from nnobs.core.rundir import list_checkpoints, read_meta, read_metrics, resolve_checkpoint
 from nnobs.models.checkpoint import load_checkpoint
 from nnobs.models.config import ModelConfig
 from nnobs.training.trainer import (
@@ -15,7 +15,6 @@ from nnobs.training.trainer import (
     batch_starts,
     checkpoint_steps,
     lr_at,
-    read_metrics,
     train,
     unigram_loss,
 )

@@ -2,11 +2,14 @@
 
 A run directory holds ``run.json`` (what was trained, on what), ``metrics.jsonl``,
 ``tokenizer.json`` (a trained BPE) and ``checkpoints/step_NNNNNN/`` (each complete once its
-``meta.json`` exists; see :mod:`nnobs.training.checkpoint` for how one is written).
+``meta.json`` exists; see :mod:`nnobs.training.checkpoint` for how one is written), and the
+results computed from it: ``observe/``, ``trajectory/`` and ``report/``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
 from pathlib import Path
@@ -21,6 +24,72 @@ CHECKPOINT_FORMAT = "nnobs-checkpoint/1"
 RUN_FORMAT = "nnobs-run/1"
 
 
+class RunDir:
+    """Where each file of a run directory lives: ``RunDir("runs/default").metrics_file``."""
+
+    # Entries a run directory may hold; anything else means the directory is not a run. The
+    # last three are results computed from the run's weights.
+    ENTRIES = frozenset(
+        {"run.json", "tokenizer.json", "metrics.jsonl", "checkpoints"}
+        | {"observe", "trajectory", "report"}
+    )
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    @classmethod
+    def of_checkpoint(cls, checkpoint: str | os.PathLike) -> RunDir:
+        """The run a checkpoint directory (``RUN/checkpoints/step_N``) belongs to."""
+        return cls(Path(checkpoint).parent.parent)
+
+    @property
+    def run_file(self) -> Path:
+        return self.path / "run.json"
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def tokenizer_file(self) -> Path:
+        return self.path / "tokenizer.json"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.path / "checkpoints"
+
+    def checkpoint_dir(self, step: int) -> Path:
+        return self.checkpoints_dir / step_dir_name(step)
+
+    @property
+    def observe_dir(self) -> Path:
+        """Where ``nnobs observe`` writes by default."""
+        return self.path / "observe"
+
+    @property
+    def trajectory_dir(self) -> Path:
+        """Where the run's trajectory (post hoc or live) is written by default."""
+        return self.path / "trajectory"
+
+    @property
+    def trajectory_file(self) -> Path:
+        return self.trajectory_dir / "trajectory.json"
+
+    def is_run(self) -> bool:
+        return self.run_file.is_file()
+
+    def read_run(self) -> dict[str, Any]:
+        """The run description (``run.json``)."""
+        return read_json(self.run_file, "run description")
+
+    def tokenizer_reference(self, reference: dict[str, Any]) -> dict[str, Any]:
+        """``reference`` with a BPE tokenizer read from this run's own copy (runs can move)."""
+        reference = dict(reference)
+        if reference.get("kind") == "bpe" and self.tokenizer_file.is_file():
+            reference["path"] = str(self.tokenizer_file)
+        return reference
+
+
 _STEP_DIR = re.compile(r"step_(\d+)")
 
 
@@ -28,9 +97,23 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:06d}"
 
 
+def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The run's metrics records; a line cut short by a kill is skipped."""
+    path = RunDir(run_dir).metrics_file
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            record = json.loads(line)
+            if isinstance(record, dict) and "step" in record:
+                records.append(record)
+    return records
+
+
 def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     """Complete checkpoints of a run, ``(step, path)`` sorted by step."""
-    root = Path(run_dir) / "checkpoints"
+    root = RunDir(run_dir).checkpoints_dir
     if not root.is_dir():
         return []
     found = []
@@ -50,7 +133,7 @@ def is_nnobs_path(path: str | os.PathLike) -> bool:
     path = Path(path)
     if not path.is_dir():
         return False
-    if (path / "run.json").is_file() or (path / "meta.json").is_file():
+    if RunDir(path).is_run() or (path / "meta.json").is_file():
         return True
     return bool(_STEP_DIR.fullmatch(path.name)) and path.parent.name == "checkpoints"
 
@@ -60,7 +143,8 @@ def resolve_checkpoint(path: str | os.PathLike, step: int | None = None) -> Path
     path = Path(path)
     if not path.exists():
         raise NnobsError(f"{str(path)!r} does not exist: give an nnobs run or checkpoint directory")
-    if (path / "run.json").is_file() or (path / "checkpoints").is_dir():
+    run = RunDir(path)
+    if run.is_run() or run.checkpoints_dir.is_dir():
         found = list_checkpoints(path)
         if not found:
             raise NnobsError(

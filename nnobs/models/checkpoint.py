@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from nnobs.core.errors import NnobsError, first_line
-from nnobs.core.rundir import read_meta, resolve_checkpoint
+from nnobs.core.rundir import RunDir, read_meta, resolve_checkpoint
 from nnobs.models.config import ModelConfig
 
 
@@ -30,16 +30,24 @@ class LoadedCheckpoint:
 
     def provenance(self) -> dict[str, Any]:
         """What every result computed from this checkpoint records about its model."""
-        corpus = self.meta.get("corpus") or {}
-        return {
-            "path": str(self.path.resolve()),
-            "step": self.step,
-            "config_hash": self.meta.get("config_hash", self.config.hash),
-            "tokens_seen": self.meta.get("tokens_seen"),
-            "nnobs_version": self.meta.get("nnobs_version"),
-            "corpus_fingerprint": corpus.get("fingerprint"),
-            "corpus_spec": corpus.get("spec"),
-        }
+        return checkpoint_provenance(self.path, self.meta, self.config.hash)
+
+
+def checkpoint_provenance(
+    path: Path, meta: dict[str, Any], config_hash: str | None = None
+) -> dict[str, Any]:
+    """The provenance of a checkpoint at ``path`` from its metadata (``config_hash`` where the
+    metadata has none)."""
+    corpus = meta.get("corpus") or {}
+    return {
+        "path": str(path.resolve()),
+        "step": int(meta["step"]),
+        "config_hash": meta.get("config_hash", config_hash),
+        "tokens_seen": meta.get("tokens_seen"),
+        "nnobs_version": meta.get("nnobs_version"),
+        "corpus_fingerprint": corpus.get("fingerprint"),
+        "corpus_spec": corpus.get("spec"),
+    }
 
 
 def load_safetensors(path: Path, what: str) -> dict[str, torch.Tensor]:
@@ -65,17 +73,14 @@ def load_weights(model: nn.Module, ckpt: Path) -> None:
         ) from e
 
 
-def _load_run_tokenizer(ckpt: Path, reference: dict | None) -> Any:
-    """The checkpoint's tokenizer, preferring the copy in its run directory (runs can move)."""
+def load_run_tokenizer(run_dir: RunDir, reference: dict[str, Any] | None) -> Any:
+    """The tokenizer a run recorded (``reference``), read from the run's own copy if it has
+    one; None without a reference."""
     from nnobs.data.tokenizer import load_tokenizer
 
     if not reference:
         return None
-    reference = dict(reference)
-    run_copy = ckpt.parent.parent / "tokenizer.json"
-    if reference.get("kind") == "bpe" and run_copy.is_file():
-        reference["path"] = str(run_copy)
-    return load_tokenizer(reference)
+    return load_tokenizer(run_dir.tokenizer_reference(reference))
 
 
 def load_checkpoint(path: str | os.PathLike, step: int | None = None) -> LoadedCheckpoint:
@@ -94,5 +99,5 @@ def load_checkpoint(path: str | os.PathLike, step: int | None = None) -> LoadedC
         ) from e
     model = Transformer(config)
     load_weights(model, ckpt)
-    tokenizer = _load_run_tokenizer(ckpt, meta.get("tokenizer"))
+    tokenizer = load_run_tokenizer(RunDir.of_checkpoint(ckpt), meta.get("tokenizer"))
     return LoadedCheckpoint(model.eval(), config, tokenizer, meta, ckpt)

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from nnobs.core.errors import NnobsError
+from nnobs.core.rundir import RunDir
 from nnobs.data.corpus import Corpus, load_corpus
 from nnobs.models.adapter import ModelAdapter
 from nnobs.observe.trajectory import TrajectoryObserver, TrajectorySettings
@@ -192,9 +193,7 @@ class ObservabilityCallback:
         self.run_dir = Path(run_dir)
         self.corpus, self.settings = corpus, settings
         self.budget, self.min_fraction = budget, min_fraction
-        self.out_path = (
-            Path(out_path) if out_path else self.run_dir / "trajectory" / "trajectory.json"
-        )
+        self.out_path = Path(out_path) if out_path else RunDir(run_dir).trajectory_file
         self.progress, self.log = progress, log
         self.live: LiveObserver | None = None
         self._tokenizer = None
@@ -217,23 +216,18 @@ class ObservabilityCallback:
         )
 
     def __call__(self, step: int, model: nn.Module, meta: dict[str, Any]) -> None:
-        from nnobs.core.rundir import step_dir_name
-        from nnobs.data.tokenizer import load_tokenizer
+        from nnobs.core.rundir import read_metrics
         from nnobs.models.adapter import nnobs_adapter
-        from nnobs.models.checkpoint import LoadedCheckpoint
+        from nnobs.models.checkpoint import checkpoint_provenance, load_run_tokenizer
         from nnobs.observe.trajectory import loss_curve_from_metrics, run_summary
-        from nnobs.training.trainer import read_metrics
 
         self.live = self.live or self._start()
+        run_dir = RunDir(self.run_dir)
         if self._tokenizer is None:
-            ref = dict(meta.get("tokenizer") or {})
-            if ref.get("kind") == "bpe":
-                ref["path"] = str(self.run_dir / "tokenizer.json")
-            self._tokenizer = load_tokenizer(ref)
-        path = self.run_dir / "checkpoints" / step_dir_name(step)
-        full_meta = {**meta, "config": model.config.to_dict(), "config_hash": model.config.hash}
-        loaded = LoadedCheckpoint(model, model.config, self._tokenizer, full_meta, path)
-        adapter = nnobs_adapter(model, self._tokenizer, loaded.provenance())
+            self._tokenizer = load_run_tokenizer(run_dir, meta.get("tokenizer"))
+        path = run_dir.checkpoint_dir(step)
+        provenance = checkpoint_provenance(path, meta, model.config.hash)
+        adapter = nnobs_adapter(model, self._tokenizer, provenance)
         train_seconds = max(float(meta.get("elapsed_s") or 0.0) - self.live.spent, 1e-9)
         with _Measuring(model):
             self.live.checkpoint(

@@ -50,6 +50,7 @@ from scipy import stats as scipy_stats
 
 from nnobs.core.errors import NnobsError
 from nnobs.core.files import write_json
+from nnobs.core.rundir import RunDir
 from nnobs.models.config import ModelConfig
 from nnobs.models.sizing import count_params, match_params
 from nnobs.observe.trajectory import OBSERVED, TrajectorySettings
@@ -569,7 +570,7 @@ def assemble(
         runs = []
         for seed in cfg.seeds:
             run_dir = out / "runs" / v.name / f"seed_{seed}"
-            doc = load_result(run_dir / "trajectory" / "trajectory.json")
+            doc = load_result(RunDir(run_dir).trajectory_file)
             runs.append(run_entry(seed, run_dir, out, doc, outcomes[(v.name, seed)]))
         variants.append(variant_summary(v.name, runs, configs[v.name], v))
     return _plain(

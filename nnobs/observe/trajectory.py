@@ -39,9 +39,11 @@ from typing import Any
 import numpy as np
 
 from nnobs.core.errors import NnobsError
+from nnobs.core.rundir import RunDir
 from nnobs.data.corpus import Corpus, corpus_info, load_corpus
 from nnobs.measure import stats
-from nnobs.measure.probes import LossMLP, linear_scores, random_head_scores
+from nnobs.measure.predictors import LossMLP
+from nnobs.measure.probes import linear_scores, random_head_scores
 from nnobs.models.adapter import ModelAdapter, provenance
 from nnobs.observe.capture import Windows
 from nnobs.observe.protocol import (
@@ -534,9 +536,7 @@ def loss_curve_from_metrics(records: list[dict[str, Any]]) -> list[dict[str, Any
 
 def run_summary(run_dir: Path) -> dict[str, Any]:
     """What a trajectory records about its run: directory, configs, size, baseline."""
-    from nnobs.core.files import read_json
-
-    run = read_json(run_dir / "run.json", "run description")
+    run = RunDir(run_dir).read_run()
     return {
         "path": str(run_dir.resolve()),
         "model_config": run.get("model_config"),
@@ -549,9 +549,7 @@ def run_summary(run_dir: Path) -> dict[str, Any]:
 
 def run_corpus(run_dir: Path) -> Corpus:
     """The corpus a run was trained on, loaded as it was (same spec and size cap)."""
-    from nnobs.core.files import read_json
-
-    train_config = read_json(run_dir / "run.json", "run description").get("train_config", {})
+    train_config = RunDir(run_dir).read_run().get("train_config", {})
     return load_corpus(
         train_config.get("corpus", "stdlib"), max_chars=train_config.get("max_chars")
     )
@@ -575,19 +573,15 @@ def observe_run(
     existing result for the same checkpoints and settings is returned as it is.
     """
     from nnobs.core.results import load_result, to_plain, write_result
-    from nnobs.core.rundir import list_checkpoints, read_meta
-    from nnobs.data.tokenizer import load_tokenizer
+    from nnobs.core.rundir import list_checkpoints, read_metrics
     from nnobs.models.adapter import nnobs_adapter
-    from nnobs.models.checkpoint import LoadedCheckpoint, load_weights
-    from nnobs.models.config import ModelConfig
-    from nnobs.models.transformer import Transformer
-    from nnobs.training.trainer import read_metrics
+    from nnobs.models.checkpoint import load_checkpoint
 
     run_dir = Path(run_dir)
-    if not (run_dir / "run.json").is_file():
+    if not RunDir(run_dir).is_run():
         raise NnobsError(f"{str(run_dir)!r} is not an nnobs run directory (no run.json)")
     settings = settings or TrajectorySettings()
-    out = Path(out_dir) if out_dir is not None else run_dir / "trajectory"
+    out = Path(out_dir) if out_dir is not None else RunDir(run_dir).trajectory_dir
     found = list_checkpoints(run_dir)
     if steps is not None:
         missing = sorted(set(steps) - {s for s, _ in found})
@@ -615,23 +609,13 @@ def observe_run(
     if isinstance(corpus, str):
         corpus = load_corpus(corpus)
     corpus = corpus or run_corpus(run_dir)
-    tokenizer = None
     with TrajectoryObserver(corpus, settings, progress=progress, log=log) as observer:
         adapter = None
         for step, path in found:
-            meta = read_meta(path)
-            if tokenizer is None:  # one tokenizer for the whole run
-                ref = dict(meta.get("tokenizer") or {})
-                if ref.get("kind") == "bpe":
-                    ref["path"] = str(run_dir / "tokenizer.json")
-                tokenizer = load_tokenizer(ref)
-            config = ModelConfig.from_dict(meta["config"])
-            model = Transformer(config)
-            load_weights(model, path)
-            loaded = LoadedCheckpoint(model.eval(), config, tokenizer, meta, path)
-            adapter = nnobs_adapter(model.to(device), tokenizer, loaded.provenance())
+            loaded = load_checkpoint(path)
+            adapter = nnobs_adapter(loaded.model.to(device), loaded.tokenizer, loaded.provenance())
             log(f"step {step}")
-            observer.observe(adapter, step, meta=meta)
+            observer.observe(adapter, step, meta=loaded.meta)
         if 0 not in observer.records:
             observer.observe_random_init(adapter)
         doc = observer.document(

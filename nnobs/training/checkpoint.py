@@ -12,7 +12,7 @@ A checkpoint is the directory ``<run>/checkpoints/step_NNNNNN/`` holding
 
 It is assembled in a hidden temporary directory beside its final place and renamed into
 place, so a directory named ``step_*`` is always complete: a run killed while saving leaves
-only a ``.tmp-*`` directory, which the next run removes. See :mod:`nnobs.training.trainer` for the
+only a ``.tmp-*`` directory, which the next run removes. See :mod:`nnobs.core.rundir` for the
 rest of the run directory.
 """
 
@@ -32,7 +32,7 @@ from torch import nn
 
 from nnobs.core.errors import NnobsError, first_line
 from nnobs.core.files import read_json, write_json
-from nnobs.core.rundir import CHECKPOINT_FORMAT, step_dir_name
+from nnobs.core.rundir import CHECKPOINT_FORMAT, RunDir
 from nnobs.core.version import __version__
 from nnobs.models.checkpoint import load_safetensors
 from nnobs.models.config import ModelConfig
@@ -44,7 +44,7 @@ _TMP_PREFIX = ".tmp-"
 
 def remove_partial(run_dir: str | os.PathLike) -> None:
     """Delete temporary checkpoint directories left by a run killed while saving."""
-    root = Path(run_dir) / "checkpoints"
+    root = RunDir(run_dir).checkpoints_dir
     if root.is_dir():
         for entry in root.iterdir():
             if entry.name.startswith(_TMP_PREFIX) and entry.is_dir():
@@ -127,9 +127,9 @@ def save_checkpoint(
     ``meta`` gets the format marker, step, config and version added; the model must be an
     unwrapped :class:`~nnobs.models.transformer.Transformer` (not a DDP wrapper).
     """
-    root = Path(run_dir) / "checkpoints"
+    final = RunDir(run_dir).checkpoint_dir(step)
+    root = final.parent
     root.mkdir(parents=True, exist_ok=True)
-    final = root / step_dir_name(step)
     tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{final.name}-", dir=root))
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; a checkpoint is not

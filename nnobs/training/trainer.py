@@ -50,10 +50,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from nnobs.core.errors import NnobsError
-from nnobs.core.files import append_jsonl, read_json, write_json, write_text
-from nnobs.core.rundir import RUN_FORMAT, list_checkpoints, read_meta
+from nnobs.core.files import append_jsonl, write_json, write_text
+from nnobs.core.rundir import RUN_FORMAT, RunDir, list_checkpoints, read_meta, read_metrics
 from nnobs.core.version import __version__
-from nnobs.models.checkpoint import load_weights
+from nnobs.models.checkpoint import load_run_tokenizer, load_weights
 from nnobs.models.config import ModelConfig
 from nnobs.models.sizing import count_params
 from nnobs.training.checkpoint import load_training_state, remove_partial, save_checkpoint
@@ -63,13 +63,6 @@ log = logging.getLogger("nnobs.training")
 TOKENIZER_KINDS = ("bpe", "byte")
 # Fields that do not change what a run computes: a run may resume with them changed.
 _RESUMABLE_CHANGES = frozenset({"device"})
-# Entries a run directory may hold; anything else in OUT means it is not ours to write into.
-# The last three are results computed from the run (observe, trajectory, report), which
-# --overwrite clears with it since they describe the old weights.
-_RUN_ENTRIES = frozenset(
-    {"run.json", "tokenizer.json", "metrics.jsonl", "checkpoints"}
-    | {"observe", "trajectory", "report"}
-)
 
 
 @dataclass
@@ -242,23 +235,9 @@ def unigram_loss(train_tokens: np.ndarray, val_tokens: np.ndarray, vocab_size: i
 # ------------------------------------------------------------------------------- run dir
 
 
-def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """The run's metrics records; a line cut short by a kill is skipped."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        with contextlib.suppress(json.JSONDecodeError):
-            record = json.loads(line)
-            if isinstance(record, dict) and "step" in record:
-                records.append(record)
-    return records
-
-
 def _truncate_metrics(out: Path, step: int) -> None:
     """Keep only records up to ``step``: the resumed run logs the rest again."""
-    path = out / "metrics.jsonl"
+    path = RunDir(out).metrics_file
     if path.exists():
         kept = [r for r in read_metrics(out) if r["step"] <= step]
         write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
@@ -277,16 +256,17 @@ def _prepare_out(out: Path, mc: ModelConfig, tc: TrainConfig, overwrite: bool) -
         raise NnobsError(f"--out {str(out)!r} is a file: give a directory")
     present = out.iterdir() if out.exists() else ()
     entries = {p.name for p in present if not p.name.startswith(".")}
-    if entries - _RUN_ENTRIES:
+    if entries - RunDir.ENTRIES:
         raise NnobsError(
             f"{str(out)!r} is not an empty directory or an nnobs run (it holds "
-            f"{', '.join(sorted(entries - _RUN_ENTRIES)[:3])}): use a new --out"
+            f"{', '.join(sorted(entries - RunDir.ENTRIES)[:3])}): use a new --out"
         )
-    if overwrite or not (out / "run.json").is_file():
+    run_dir = RunDir(out)
+    if overwrite or not run_dir.is_run():
         return None
-    run = read_json(out / "run.json", "run description")
+    run = run_dir.read_run()
     if run.get("format") != RUN_FORMAT:
-        raise NnobsError(f"{str(out / 'run.json')!r} is not an nnobs run description")
+        raise NnobsError(f"{str(run_dir.run_file)!r} is not an nnobs run description")
     for what, stored, requested, skip in (
         ("model config", run.get("model_config", {}), mc.to_dict(), frozenset()),
         ("train config", run.get("train_config", {}), tc.to_dict(), _RESUMABLE_CHANGES),
@@ -301,7 +281,8 @@ def _prepare_out(out: Path, mc: ModelConfig, tc: TrainConfig, overwrite: bool) -
 
 
 def _clear_run(out: Path) -> None:
-    for name in _RUN_ENTRIES:
+    """Delete the run and the results computed from it (they describe the old weights)."""
+    for name in RunDir.ENTRIES:
         path = out / name
         if path.is_dir():
             shutil.rmtree(path)
@@ -384,14 +365,11 @@ def _load_data(tc: TrainConfig, mc: ModelConfig, tokenizer_ref: dict | None, run
     """Corpus, tokenizer, token streams and the unigram baseline."""
     from nnobs.data.corpus import load_corpus
     from nnobs.data.encoding import token_stream
-    from nnobs.data.tokenizer import get_tokenizer, load_tokenizer
+    from nnobs.data.tokenizer import get_tokenizer
 
     corpus = load_corpus(tc.corpus, max_chars=tc.max_chars)
     if tokenizer_ref is not None:  # resuming: the run's own tokenizer, not a rebuilt one
-        ref = dict(tokenizer_ref)
-        if ref.get("kind") == "bpe":
-            ref["path"] = str(run_dir / "tokenizer.json")
-        tokenizer = load_tokenizer(ref)
+        tokenizer = load_run_tokenizer(RunDir(run_dir), tokenizer_ref)
     else:
         tokenizer = get_tokenizer(tc.tokenizer, corpus, mc.vocab_size)
     if tokenizer.vocab_size > mc.vocab_size:
@@ -582,7 +560,7 @@ def _run(
         record["elapsed_s"] = round(elapsed + time.perf_counter() - t0, 3)
         if not dd.main:
             return
-        append_jsonl(out / "metrics.jsonl", record)
+        append_jsonl(RunDir(out).metrics_file, record)
         if step in saves:
             meta = {
                 **meta_base,
@@ -683,6 +661,6 @@ def _write_run(out, mc, tc, corpus, tokenizer, train_ids, val_ids, baseline) -> 
         "n_params": count_params(mc),
         "unigram_baseline_loss": baseline,
     }
-    (out / "metrics.jsonl").unlink(missing_ok=True)
-    write_json(out / "run.json", run)
+    RunDir(out).metrics_file.unlink(missing_ok=True)
+    write_json(RunDir(out).run_file, run)
     return run
