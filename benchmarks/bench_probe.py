@@ -18,8 +18,9 @@ import time
 
 import numpy as np
 import torch
+from reference_probe import ReferenceAdamProbe
 
-from nnobs.measure.probes import LinearProbe, ReferenceAdamProbe
+from nnobs.measure.probes import LinearProbe
 
 EXAMPLES_PER_DIM = 350
 

@@ -11,7 +11,7 @@ is the reference's (``nn-observability``'s ``run_model.py``):
   pass over each split **per layer**; later phases collect the candidate layers together, then
   the output layer, the reported layer on the test split, and the second domain's splits, each
   in further passes of their own;
-- every probe is a ``Linear(d, 1)`` trained by Adam (:class:`nnobs.probes.ReferenceAdamProbe`:
+- every probe is a ``Linear(d, 1)`` trained by Adam (:class:`reference_probe.ReferenceAdamProbe`:
   lr 1e-3, weight decay 1e-4, 20 epochs, batch 4096, BCE), retrained from scratch for each seed
   (seed = initialisation + batch order; every seed sees all training tokens) and again in every
   later step that needs a probe, as the reference's phases do;
@@ -26,7 +26,7 @@ floor, so neither is run here.
 
 By default (``loader="slices"``) mini-batches are slices of a per-epoch permutation, the
 sampling ``DataLoader(shuffle=True)`` performs, and probes are
-:class:`~nnobs.probes.ReferenceAdamProbe`: the reference's method without its loader's cost.
+:class:`~reference_probe.ReferenceAdamProbe`: the reference's method without its loader's cost.
 ``loader="dataloader"`` runs the reference's own loop, ``nn.Linear`` under the global seed and
 a ``DataLoader`` over a ``TensorDataset``, which fetches and collates rows one at a time.
 """
@@ -38,11 +38,12 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
+from reference_probe import ReferenceAdamProbe
 from torch.utils.data import DataLoader, TensorDataset
 
 from nnobs.core.errors import NnobsError
 from nnobs.measure import stats
-from nnobs.measure.probes import RandomHead, ReferenceAdamProbe
+from nnobs.measure.probes import RandomHead
 from nnobs.models.adapter import ModelAdapter
 from nnobs.observe.capture import Capture, Windows
 from nnobs.observe.protocol import (
@@ -150,7 +151,7 @@ def train_probe(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         head = torch.nn.Linear(X.shape[1], 1).to(dev)
-    opt = torch.optim.Adam(head.parameters(), lr=probe.lr, weight_decay=probe.l2)
+    opt = torch.optim.Adam(head.parameters(), lr=probe.lr, weight_decay=probe.weight_decay)
     Xt, yt = torch.as_tensor(X), torch.as_tensor(y, dtype=torch.float32)
     for bx, by in epochs_of_batches(Xt, yt, probe.batch_size, probe.epochs, gen, loader):
         loss = F.binary_cross_entropy_with_logits(head(bx.to(dev)).squeeze(-1), by.to(dev))
@@ -329,7 +330,7 @@ def reference_observe(
                 baselines[name] = pcorr(value, test, site)
             except NnobsError:  # the norm is a covariate itself
                 baselines[name] = None
-        head = RandomHead(seed=RANDOM_HEAD_SEED).decision_function(X_test)
+        head = RandomHead(seed=RANDOM_HEAD_SEED).fit(X_test).decision_function(X_test)
         baselines["random_head"] = pcorr(head, test, site)
 
     # 8. Flagging, per retrained probe.

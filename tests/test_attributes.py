@@ -306,7 +306,7 @@ def test_softmax_probe_matches_scikit_learn_on_standardised_inputs():
     Z = (X - X.mean(0)) / X.std(0)
     reference = LogisticRegression(C=0.5, tol=1e-10, max_iter=1000).fit(Z, y)
     np.testing.assert_array_equal(probe.classes_, [1, 3, 5])
-    np.testing.assert_allclose(probe._weight.numpy(), reference.coef_.T, atol=2e-3)
+    np.testing.assert_allclose(probe.weight_.numpy(), reference.coef_.T, atol=2e-3)
     assert probe.converged_
     assert np.mean(probe.predict(X) == reference.predict(Z)) > 0.99
     assert probe.score(X, y) == pytest.approx(reference.score(Z, y), abs=0.01)

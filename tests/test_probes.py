@@ -1,21 +1,25 @@
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from scipy.stats import spearmanr
 from sklearn.metrics import roc_auc_score
 
 from nnobs.core.errors import NnobsError
-from nnobs.measure import probes
+from nnobs.measure import arrays, probes
+from nnobs.measure.predictors import LossMLP, NonlinearControl
 from nnobs.measure.probes import (
     LinearProbe,
-    LossMLP,
-    NonlinearControl,
     RandomHead,
-    ReferenceAdamProbe,
     fit_resampled,
     linear_scores,
     random_head_scores,
 )
 from nnobs.measure.stats import seed_agreement
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from reference_probe import ReferenceAdamProbe  # noqa: E402
 
 
 def planted(n: int, d: int, seed: int = 0, strength: float = 2.0):
@@ -124,10 +128,10 @@ def test_small_searches_run_on_one_thread_and_give_the_threads_back(data, monkey
         fit_resampled(Xtr, ytr, [43, 44])
         LinearProbe().fit(Xtr, ytr)
         assert seen == [1, 1, 1] and torch.get_num_threads() == 2
-        monkeypatch.setattr(probes, "CHUNK_ELEMENTS", Xtr.size // 2)  # now "large": all threads
+        monkeypatch.setattr(arrays, "CHUNK_ELEMENTS", Xtr.size // 2)  # now "large": all threads
         LinearProbe(resample=False).fit(Xtr, ytr)
         assert seen[-1] == 2
-        monkeypatch.setattr(probes, "CHUNK_ELEMENTS", 1 << 24)
+        monkeypatch.setattr(arrays, "CHUNK_ELEMENTS", 1 << 24)
 
         def fails(*_):
             raise RuntimeError("interrupted")
@@ -192,17 +196,17 @@ def test_bad_input_errors(data):
 
 def test_random_head_is_a_seeded_unit_direction(data):
     Xtr, ytr, _, _, _ = data
-    h = RandomHead(seed=5)
+    h = RandomHead(seed=5).fit(Xtr)
     s = h.decision_function(Xtr)
     assert np.linalg.norm(h.coef_) == pytest.approx(1.0)
     np.testing.assert_allclose(s, Xtr.astype(np.float64) @ h.coef_, rtol=1e-4, atol=1e-4)
-    np.testing.assert_array_equal(RandomHead(seed=5).decision_function(Xtr), s)
-    assert not np.allclose(RandomHead(seed=6).decision_function(Xtr), s)
+    np.testing.assert_array_equal(RandomHead(seed=5).fit(Xtr).decision_function(Xtr), s)
+    assert not np.allclose(RandomHead(seed=6).fit(Xtr).decision_function(Xtr), s)
 
 
 def test_many_scorers_in_one_product_equal_each_alone(data, monkeypatch):
     Xtr, ytr, Xte, _, _ = data
-    monkeypatch.setattr(probes, "CHUNK_ELEMENTS", 32 * 100)  # several row blocks of 100
+    monkeypatch.setattr(arrays, "CHUNK_ELEMENTS", 32 * 100)  # several row blocks of 100
     fitted = [LinearProbe(seed=s).fit(Xtr, ytr) for s in (43, 44)]
     scorers = [*fitted, RandomHead(seed=3).fit(Xte)]
     half = Xte.astype(np.float16)

@@ -50,8 +50,9 @@ def synthetic_split(
 
 
 def floor_of(split: SplitData, n_heads: int = 50) -> float:
+    X = split.acts(SITE)
     heads = np.column_stack(
-        [RandomHead(seed=s).decision_function(split.acts(SITE)) for s in range(n_heads)]
+        [RandomHead(seed=s).fit(X).decision_function(X) for s in range(n_heads)]
     )
     null = stats.partial_spearman_many(heads, split.cap.loss, split.covariates(SITE))
     return stats.detection_floor(np.abs(null))["floor"]

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from nnobs.core.errors import NnobsError
-from nnobs.measure.probes import chunk_rows
+from nnobs.measure.arrays import chunk_rows
 from nnobs.measure.stats import check_finite
 
 Method = Literal["linear", "unbiased", "minibatch"]

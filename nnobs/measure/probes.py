@@ -1,8 +1,9 @@
-"""Probes: small estimators that read a score out of activations (scikit-learn style).
+"""Linear probes: estimators that read a score out of activations (scikit-learn style).
 
-Activations arrive as ``(n, d)`` arrays, float16/float32/float64, in memory or memory-mapped;
-they are converted to float32 torch tensors in row chunks, so a float16 memmap never
-becomes a float64 copy. Torch does the arithmetic, on ``device``.
+:class:`LinearProbe` is logistic regression solved to its optimum; :class:`RandomHead` is the
+null probe, a random direction; :func:`linear_scores` scores many of them in one product.
+Parameters are stored as given in ``__init__`` and checked in ``fit``; ``fit`` returns the
+probe; learned state ends in an underscore. Torch does the arithmetic, on ``device``.
 """
 
 from __future__ import annotations
@@ -13,93 +14,23 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from sklearn.ensemble import HistGradientBoostingRegressor
 from sklearn.metrics import roc_auc_score
 
 from nnobs.core.errors import NnobsError
-from nnobs.measure.stats import as_covariates, as_vector, bootstrap_sampler, check_finite
-
-# Row blocks hold about this many elements (64 MiB as float32), whatever the width.
-CHUNK_ELEMENTS = 1 << 24
-
-
-def chunk_rows(d: int) -> int:
-    """Rows per block for width ``d``."""
-    return max(1, CHUNK_ELEMENTS // d)
-
-
-def _shape(X: np.ndarray) -> tuple[int, int]:
-    if len(getattr(X, "shape", ())) != 2:
-        raise NnobsError(
-            f"activations must be a 2-D (tokens, features) array, got shape {np.shape(X)}"
-        )
-    n, d = X.shape
-    if n == 0 or d == 0:
-        raise NnobsError(f"activations are empty (shape {X.shape}); capture some tokens first")
-    return n, d
+from nnobs.measure.arrays import (
+    activation_shape,
+    check_rows_finite,
+    check_width,
+    fits_one_block,
+    row_blocks,
+    to_tensor,
+    weighted_moments,
+)
+from nnobs.measure.stats import bootstrap_sampler, check_finite
 
 
-def _row_blocks(
-    X: np.ndarray, rows: np.ndarray | None = None
-) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """Yield ``(start, stop, block)``: float32 CPU tensors of row blocks of ``X`` (or of
-    ``X[rows]``), checked finite. ``start:stop`` indexes the output, not ``X``.
-
-    Torch converts the dtype: for float16 it is several times faster than numpy's ``astype``.
-    """
-    total = X.shape[0] if rows is None else len(rows)
-    step = chunk_rows(X.shape[1])
-    for a in range(0, total, step):
-        b = min(a + step, total)
-        block = np.asarray(X[a:b] if rows is None else X[rows[a:b]])
-        if not (block.flags.writeable and block.flags.c_contiguous):
-            block = np.array(block)  # a read-only memmap view: torch wants its own memory
-        tensor = torch.from_numpy(block).float()
-        # A NaN or inf anywhere makes the sum non-finite, and a sum is far cheaper than an
-        # elementwise test; only a (rare) overflowing sum needs the exact check.
-        if not bool(torch.isfinite(tensor.sum())) and not bool(torch.isfinite(tensor).all()):
-            first, last = (a, b - 1) if rows is None else (rows[a], rows[b - 1])
-            check_finite(f"activations (rows {first}..{last})", block)
-            raise NnobsError(
-                f"activations (rows {first}..{last}) exceed the float32 range; rescale them"
-            )
-        yield a, b, tensor
-
-
-def check_rows_finite(X: np.ndarray) -> None:
-    """Raise ``NnobsError`` if any row of ``X`` holds NaN or inf (reads ``X`` once, in blocks)."""
-    for _ in _row_blocks(X):
-        pass
-
-
-def to_tensor(
-    X: np.ndarray, rows: np.ndarray | None = None, device: str | torch.device = "cpu"
-) -> torch.Tensor:
-    """``X`` (or ``X[rows]``, rows sorted) as one float32 ``(n, d)`` tensor on ``device``.
-
-    A writable float32 C-contiguous array on the CPU is shared, not copied.
-    """
-    _, d = _shape(X)
-    device = torch.device(device)
-    shareable = (
-        rows is None
-        and device.type == "cpu"
-        and type(X) is np.ndarray
-        and X.dtype == np.float32
-        and X.flags.c_contiguous
-        and X.flags.writeable
-    )
-    if shareable:
-        check_rows_finite(X)
-        return torch.from_numpy(X)
-    out = torch.empty((X.shape[0] if rows is None else len(rows), d), device=device)
-    for a, b, block in _row_blocks(X, rows):
-        out[a:b] = block.to(device)
-    return out
-
-
-def _binary_labels(y: np.ndarray, n: int) -> np.ndarray:
+def binary_labels(y: np.ndarray, n: int) -> np.ndarray:
+    """``y`` as float64 0/1 labels, one per activation row, with both classes present."""
     y = np.asarray(y)
     if y.shape != (n,):
         raise NnobsError(f"labels must have one value per activation row ({n}), got {y.shape}")
@@ -114,13 +45,8 @@ def _binary_labels(y: np.ndarray, n: int) -> np.ndarray:
     return y
 
 
-def _check_width(X: np.ndarray, d: int) -> None:
-    if _shape(X)[1] != d:
-        raise NnobsError(f"activations have {X.shape[1]} features but the probe was fit on {d}")
-
-
-class _LinearScorer:
-    """A linear score ``X @ coef_ + intercept_`` on raw activations."""
+class LinearScorer:
+    """A linear score ``X @ coef_ + intercept_`` on raw activations; subclasses fit it."""
 
     coef_: np.ndarray
     intercept_: float
@@ -141,7 +67,7 @@ class _LinearScorer:
         return linear_scores([self], X)[:, 0]
 
 
-def linear_scores(scorers: Sequence[_LinearScorer], X: np.ndarray) -> np.ndarray:
+def linear_scores(scorers: Sequence[LinearScorer], X: np.ndarray) -> np.ndarray:
     """Scores of several fitted linear scorers on ``X`` as one ``(n, m)`` float64 array.
 
     One product with all their coefficient vectors, so ``X`` is read (and converted) once
@@ -149,23 +75,26 @@ def linear_scores(scorers: Sequence[_LinearScorer], X: np.ndarray) -> np.ndarray
     """
     for scorer in scorers:
         scorer._require_fit()
-        _check_width(X, len(scorer.coef_))
+        check_width(X, len(scorer.coef_))
     device = scorers[0].device
     W = torch.as_tensor(np.column_stack([s.coef_ for s in scorers]), dtype=torch.float32)
     W = W.to(device)
     out = np.empty((X.shape[0], len(scorers)))
-    for a, b, block in _row_blocks(X):
+    for a, b, block in row_blocks(X):
         out[a:b] = (block.to(device) @ W).double().cpu().numpy()
     return out + np.array([s.intercept_ for s in scorers])
 
 
-class _BinaryProbe(_LinearScorer):
+class BinaryProbe(LinearScorer):
+    """A linear scorer of a binary label, judged by the reference objective (with penalty
+    ``l2``) and by ROC AUC."""
+
     l2: float
 
     def objective(self, X: np.ndarray, y: np.ndarray) -> float:
         """The reference objective on ``(X, y)``: mean BCE-with-logits + (l2/2)(|w|² + b²)."""
         scores = self.decision_function(X)
-        y = _binary_labels(y, len(scores))
+        y = binary_labels(y, len(scores))
         bce = np.logaddexp(0.0, scores) - y * scores
         penalty = 0.5 * self.l2 * (float(self.coef_ @ self.coef_) + self.intercept_**2)
         return float(bce.mean()) + penalty
@@ -173,10 +102,10 @@ class _BinaryProbe(_LinearScorer):
     def score(self, X: np.ndarray, y: np.ndarray) -> float:
         """ROC AUC of the scores for labels ``y`` (threshold-free, unlike accuracy)."""
         scores = self.decision_function(X)
-        return float(roc_auc_score(_binary_labels(y, len(scores)), scores))
+        return float(roc_auc_score(binary_labels(y, len(scores)), scores))
 
 
-class LinearProbe(_BinaryProbe):
+class LinearProbe(BinaryProbe):
     """Logistic-regression probe for a binary label, solved to its optimum.
 
     Minimises the reference probe's objective on the raw activations,
@@ -208,14 +137,21 @@ class LinearProbe(_BinaryProbe):
         tol: float = 1e-4,
         device: str = "cpu",
     ) -> None:
-        if l2 <= 0:
-            raise NnobsError(f"l2 must be positive (it makes the optimum unique), got {l2}")
-        self.l2, self.seed, self.resample = l2, seed, resample
-        self.max_iter, self.tol, self.device = max_iter, tol, device
+        self.l2 = l2
+        self.seed = seed
+        self.resample = resample
+        self.max_iter = max_iter
+        self.tol = tol
+        self.device = device
+
+    def _check_params(self) -> None:
+        if self.l2 <= 0:
+            raise NnobsError(f"l2 must be positive (it makes the optimum unique), got {self.l2}")
 
     def fit(self, X: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None) -> LinearProbe:
-        n, _ = _shape(X)
-        y = _binary_labels(y, n)
+        self._check_params()
+        n, _ = activation_shape(X)
+        y = binary_labels(y, n)
         rows, weight = None, np.full(n, 1.0 / n)
         if self.resample:
             check_rows_finite(X)  # rows left out of the resample must not hide bad values
@@ -225,7 +161,7 @@ class LinearProbe(_BinaryProbe):
         with _one_cpu_thread(dev, n * X.shape[1]):
             Xt = to_tensor(X, rows, dev)
             wt = torch.as_tensor(weight, device=dev)
-            mean, cov = _weighted_moments(Xt, wt)
+            mean, cov = weighted_moments(Xt, wt)
             p = float(y @ weight)
             chol = _preconditioner(mean, cov, p * (1 - p), self.l2)
             return self._solve(Xt, y, weight, mean, chol)
@@ -298,16 +234,17 @@ def fit_resampled(
     preconditioner is only a change of variables, so each probe's optimum is still its own
     resample's; a resample's covariance is close to the full one, so the search stays short.
     """
-    n, _ = _shape(X)
-    y = _binary_labels(y, n)
+    n, _ = activation_shape(X)
+    y = binary_labels(y, n)
     probes = [LinearProbe(seed=seed, resample=True, **params) for seed in seeds]
     if not probes:
         return []
+    probes[0]._check_params()  # the parameters all probes share
     dev = torch.device(probes[0].device)
     with _one_cpu_thread(dev, n * X.shape[1]):
         Xt = to_tensor(X, None, dev)
         uniform = torch.full((n,), 1.0 / n, dtype=torch.float64, device=dev)
-        mean, cov = _weighted_moments(Xt, uniform)
+        mean, cov = weighted_moments(Xt, uniform)
         p = float(y.mean())
         chol = _preconditioner(mean, cov, p * (1 - p), probes[0].l2)
         for probe in probes:
@@ -326,7 +263,7 @@ def _one_cpu_thread(device: torch.device, elements: int) -> Iterator[None]:
     larger passes gain from every thread. Torch's thread count is process-wide; it is restored
     on exit."""
     before = torch.get_num_threads()
-    if device.type != "cpu" or before == 1 or elements > CHUNK_ELEMENTS:
+    if device.type != "cpu" or before == 1 or not fits_one_block(elements):
         yield
         return
     torch.set_num_threads(1)
@@ -396,23 +333,6 @@ def _lbfgs(
     return x, max_iter, float(grad.abs().max()) <= limit
 
 
-def _weighted_moments(Xt: torch.Tensor, wt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and covariance of the rows of ``Xt`` under weights ``wt`` (summing to 1), float64.
-
-    Two passes (mean, then centred products) so a large mean does not swamp the covariance.
-    """
-    step = chunk_rows(Xt.shape[1])
-    mean = torch.zeros(Xt.shape[1], dtype=torch.float64, device=Xt.device)
-    for a in range(0, len(Xt), step):
-        mean += (wt[a : a + step].float() @ Xt[a : a + step]).double()
-    mean32, root_w = mean.float(), wt.sqrt().float()
-    cov = torch.zeros(Xt.shape[1], Xt.shape[1], dtype=torch.float64, device=Xt.device)
-    for a in range(0, len(Xt), step):
-        scaled = (Xt[a : a + step] - mean32).mul_(root_w[a : a + step, None])
-        cov += (scaled.T @ scaled).double()
-    return mean, cov
-
-
 def _preconditioner(
     mean: torch.Tensor, cov: torch.Tensor, curvature: float, l2: float
 ) -> torch.Tensor:
@@ -435,209 +355,26 @@ def _preconditioner(
     return chol
 
 
-class ReferenceAdamProbe(_BinaryProbe):
-    """The reference probe solver, kept for comparison: ``Linear(d, 1)`` trained with Adam
-    (lr 1e-3, coupled weight decay 1e-4), BCE-with-logits, 20 epochs, batch 4096, all rows.
-
-    A seed sets the initialisation (``nn.Linear``'s default uniform ±1/sqrt(d)) and the batch
-    order, through one ``torch.Generator``; global RNG state is untouched. Batches are slices
-    of a per-epoch random permutation, the sampling ``DataLoader(shuffle=True)`` performs.
-    """
-
-    def __init__(
-        self,
-        seed: int = 42,
-        lr: float = 1e-3,
-        weight_decay: float = 1e-4,
-        epochs: int = 20,
-        batch_size: int = 4096,
-        device: str = "cpu",
-    ) -> None:
-        self.seed, self.lr, self.l2 = seed, lr, weight_decay
-        self.epochs, self.batch_size, self.device = epochs, batch_size, device
-
-    def fit(
-        self, X: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None
-    ) -> ReferenceAdamProbe:
-        """Fit on all rows; ``groups`` is accepted for interchangeability with ``LinearProbe``
-        and unused (the reference's seeds vary initialisation and order, not data)."""
-        n, d = _shape(X)
-        dev = torch.device(self.device)
-        yt = torch.as_tensor(_binary_labels(y, n), dtype=torch.float32, device=dev)
-        Xt = to_tensor(X, device=dev)
-        gen = torch.Generator().manual_seed(self.seed)
-        bound = 1.0 / math.sqrt(d)
-        w = ((torch.rand(d, generator=gen) * 2 - 1) * bound).to(dev).requires_grad_(True)
-        b = ((torch.rand(1, generator=gen) * 2 - 1) * bound).to(dev).requires_grad_(True)
-        opt = torch.optim.Adam([w, b], lr=self.lr, weight_decay=self.l2)
-        for _ in range(self.epochs):
-            perm = torch.randperm(n, generator=gen).to(dev)
-            for a in range(0, n, self.batch_size):
-                idx = perm[a : a + self.batch_size]
-                loss = F.binary_cross_entropy_with_logits(Xt[idx] @ w + b, yt[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-        self.coef_ = w.detach().double().cpu().numpy()
-        self.intercept_ = float(b.detach())
-        return self
-
-
-class RandomHead(_LinearScorer):
+class RandomHead(LinearScorer):
     """A uniformly random unit direction (no bias): the null probe behind the detection floor.
 
-    The direction depends only on ``seed`` and the width ``d``; it is drawn on first use.
+    The direction depends only on ``seed`` and the width ``d``; ``fit`` draws it.
     """
 
     def __init__(self, seed: int = 0, device: str = "cpu") -> None:
-        self.seed, self.device = seed, device
+        self.seed = seed
+        self.device = device
 
     def fit(
         self, X: np.ndarray, y: np.ndarray | None = None, groups: np.ndarray | None = None
     ) -> RandomHead:
         """Draw the direction for ``X``'s width; the data are not looked at."""
-        _, d = _shape(X)
+        _, d = activation_shape(X)
         v = np.random.default_rng(self.seed).standard_normal(d)
         self.coef_, self.intercept_ = v / np.linalg.norm(v), 0.0
         return self
-
-    def decision_function(self, X: np.ndarray) -> np.ndarray:
-        if not hasattr(self, "coef_") or len(self.coef_) != _shape(X)[1]:
-            self.fit(X)
-        return super().decision_function(X)
 
 
 def random_head_scores(X: np.ndarray, n: int) -> np.ndarray:
     """Scores ``(len(X), n)`` of the random heads with seeds ``0 .. n-1``, in one product."""
     return linear_scores([RandomHead(seed=s).fit(X) for s in range(n)], X)
-
-
-class LossMLP:
-    """Predicts per-token loss from (last-layer) activations: MLP d→hidden→1, ReLU, MSE.
-
-    The output-controlled residual adds its prediction as a covariate: what a probe still
-    explains beyond it is signal an output-side predictor cannot see. Inputs and target are
-    standardised (train-row statistics); Adam with coupled weight decay as in the reference;
-    training stops when the loss on a held-out ``val_fraction`` of rows has not improved for
-    ``patience`` epochs, and the best epoch's weights are kept. A seed sets the split, the
-    initialisation and the batch order.
-    """
-
-    def __init__(
-        self,
-        hidden: int = 64,
-        epochs: int = 50,
-        seed: int = 0,
-        lr: float = 1e-3,
-        weight_decay: float = 1e-4,
-        batch_size: int = 1024,
-        val_fraction: float = 0.1,
-        patience: int = 3,
-        device: str = "cpu",
-    ) -> None:
-        if not 0 < val_fraction < 1:
-            raise NnobsError(f"val_fraction must be in (0, 1), got {val_fraction}")
-        self.hidden, self.epochs, self.seed, self.lr = hidden, epochs, seed, lr
-        self.weight_decay, self.batch_size = weight_decay, batch_size
-        self.val_fraction, self.patience, self.device = val_fraction, patience, device
-
-    def fit(self, X: np.ndarray, loss: np.ndarray) -> LossMLP:
-        n, d = _shape(X)
-        target = as_vector("loss", loss, n)
-        n_val = int(round(self.val_fraction * n))
-        if n_val < 1 or n - n_val < 2:
-            raise NnobsError(f"LossMLP needs more rows to hold out a validation part, got {n}")
-        dev = torch.device(self.device)
-        gen = torch.Generator().manual_seed(self.seed)
-        perm = torch.randperm(n, generator=gen).numpy()
-        val_rows, train_rows = np.sort(perm[:n_val]), np.sort(perm[n_val:])
-        Xtr, Xva = to_tensor(X, train_rows, dev), to_tensor(X, val_rows, dev)
-        uniform = torch.full((len(Xtr),), 1.0 / len(Xtr), dtype=torch.float64, device=dev)
-        mean, cov = _weighted_moments(Xtr, uniform)
-        self._x_mean = mean.float()
-        std = torch.diagonal(cov).sqrt()
-        # a constant column carries nothing; scale 1 keeps it from blowing up elsewhere
-        self._x_std = torch.where(std > 1e-8 * std.max(), std, torch.ones_like(std)).float()
-        self._y_mean = float(target[train_rows].mean())
-        self._y_std = float(target[train_rows].std() or 1.0)
-        standard = torch.as_tensor((target - self._y_mean) / self._y_std, dtype=torch.float32)
-        ytr, yva = standard[train_rows].to(dev), standard[val_rows].to(dev)
-
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
-            self.net_ = torch.nn.Sequential(
-                torch.nn.Linear(d, self.hidden), torch.nn.ReLU(), torch.nn.Linear(self.hidden, 1)
-            ).to(dev)
-        opt = torch.optim.Adam(self.net_.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        best, best_state, stale = math.inf, None, 0
-        self.n_epochs_ = 0
-        for _ in range(self.epochs):
-            self.net_.train()
-            order = torch.randperm(len(train_rows), generator=gen).to(dev)
-            for a in range(0, len(order), self.batch_size):
-                idx = order[a : a + self.batch_size]
-                pred = self._forward(Xtr[idx])
-                step_loss = F.mse_loss(pred, ytr[idx])
-                opt.zero_grad(set_to_none=True)
-                step_loss.backward()
-                opt.step()
-            self.n_epochs_ += 1
-            val = float(F.mse_loss(self._predict_tensor(Xva), yva))
-            if val < best:
-                best, stale = val, 0
-                best_state = {k: t.detach().clone() for k, t in self.net_.state_dict().items()}
-            else:
-                stale += 1
-                if stale >= self.patience:
-                    break
-        self.net_.load_state_dict(best_state)
-        self.val_mse_ = best * self._y_std**2
-        return self
-
-    def _forward(self, xb: torch.Tensor) -> torch.Tensor:
-        return self.net_((xb - self._x_mean) / self._x_std).squeeze(-1)
-
-    def _predict_tensor(self, Xt: torch.Tensor) -> torch.Tensor:
-        self.net_.eval()
-        step = chunk_rows(Xt.shape[1])
-        with torch.no_grad():
-            return torch.cat([self._forward(Xt[a : a + step]) for a in range(0, len(Xt), step)])
-
-    def predict(self, X: np.ndarray) -> np.ndarray:
-        """Predicted loss per row (in loss units), float64; reads ``X`` in row chunks."""
-        if not hasattr(self, "net_"):
-            raise NnobsError("LossMLP is not fitted; call fit() first")
-        _check_width(X, self.net_[0].in_features)
-        out = np.empty(X.shape[0])
-        self.net_.eval()
-        for a, b, block in _row_blocks(X):
-            with torch.no_grad():
-                out[a:b] = self._forward(block.to(self.device)).double().cpu().numpy()
-        return out * self._y_std + self._y_mean
-
-
-class NonlinearControl:
-    """A flexible regression of loss on a few covariates (max softmax, norm): the
-    ``nonlinear`` control set, which removes any monotone or non-monotone dependence of loss on
-    confidence that a linear control would leave in.
-
-    Gradient-boosted trees (histogram-based): fast on millions of rows, insensitive to the
-    covariates' scales, and early-stopped on a held-out 10%.
-    """
-
-    def __init__(self, seed: int = 0, max_iter: int = 200) -> None:
-        self.seed, self.max_iter = seed, max_iter
-
-    def fit(self, covariates: np.ndarray, loss: np.ndarray) -> NonlinearControl:
-        loss = as_vector("loss", loss)
-        c = as_covariates(covariates, len(loss))
-        self.model_ = HistGradientBoostingRegressor(
-            max_iter=self.max_iter, early_stopping=True, random_state=self.seed
-        ).fit(c, loss)
-        return self
-
-    def predict(self, covariates: np.ndarray) -> np.ndarray:
-        if not hasattr(self, "model_"):
-            raise NnobsError("NonlinearControl is not fitted; call fit() first")
-        c = as_covariates(covariates, k=self.model_.n_features_in_, fitting=False)
-        return self.model_.predict(c)

@@ -56,7 +56,7 @@ from nnobs.core.errors import NnobsError
 from nnobs.data.corpus import Document
 from nnobs.data.encoding import encode_documents
 from nnobs.data.tokenizer import Tokenizer
-from nnobs.measure.probes import to_tensor
+from nnobs.measure.arrays import to_tensor
 from nnobs.models.adapter import ModelAdapter
 from nnobs.observe.capture import capture, make_windows
 from nnobs.observe.protocol import window_length
@@ -336,9 +336,10 @@ class SoftmaxProbe:
     """
 
     def __init__(self, C: float = 1.0, max_iter: int = 300, tol: float = 1e-4, device: str = "cpu"):
-        if C <= 0:
-            raise NnobsError(f"C must be positive, got {C}")
-        self.C, self.max_iter, self.tol, self.device = C, max_iter, tol, device
+        self.C = C
+        self.max_iter = max_iter
+        self.tol = tol
+        self.device = device
 
     def _tensor(self, X: np.ndarray | torch.Tensor) -> torch.Tensor:
         if isinstance(X, torch.Tensor):
@@ -346,14 +347,16 @@ class SoftmaxProbe:
         return to_tensor(X, device=self.device)
 
     def fit(self, X: np.ndarray | torch.Tensor, y: np.ndarray) -> SoftmaxProbe:
+        if self.C <= 0:
+            raise NnobsError(f"C must be positive, got {self.C}")
         X = self._tensor(X)
         n, d = X.shape
         if len(y) != n:
             raise NnobsError(f"labels have {len(y)} rows but the activations have {n}")
         self.classes_, codes = np.unique(np.asarray(y), return_inverse=True)
-        self._mean = X.mean(0)
+        self.mean_ = X.mean(0)
         std = X.std(0)
-        self._std = torch.where(std > 0, std, torch.ones_like(std))
+        self.scale_ = torch.where(std > 0, std, torch.ones_like(std))
         k = len(self.classes_)
         prior = np.bincount(codes, minlength=k) / n
         weight = torch.zeros(d, k, device=X.device, requires_grad=True)
@@ -361,7 +364,7 @@ class SoftmaxProbe:
         self.converged_ = True
         if k > 1:  # with one class there is nothing to fit: it is always the answer
             bias.requires_grad_(True)
-            Z = (X - self._mean) / self._std
+            Z = (X - self.mean_) / self.scale_
             target = torch.as_tensor(codes, device=X.device)
             penalty = 1.0 / (2.0 * self.C * n)
             opt = torch.optim.LBFGS(
@@ -382,14 +385,14 @@ class SoftmaxProbe:
 
             opt.step(closure)
             self.converged_ = int(opt.state[weight]["n_iter"]) < self.max_iter
-        self._weight, self._bias = weight.detach(), bias.detach()
+        self.weight_, self.bias_ = weight.detach(), bias.detach()
         return self
 
     def predict(self, X: np.ndarray | torch.Tensor) -> np.ndarray:
         if not hasattr(self, "classes_"):
             raise NnobsError("SoftmaxProbe is not fitted; call fit() first")
         X = self._tensor(X)
-        logits = ((X - self._mean) / self._std) @ self._weight + self._bias
+        logits = ((X - self.mean_) / self.scale_) @ self.weight_ + self.bias_
         return self.classes_[logits.argmax(1).cpu().numpy()]
 
     def score(self, X: np.ndarray | torch.Tensor, y: np.ndarray) -> float:

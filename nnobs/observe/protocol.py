@@ -38,10 +38,9 @@ from nnobs.core.errors import NnobsError
 from nnobs.data.corpus import Corpus, Document, corpus_info, load_corpus
 from nnobs.data.encoding import encode_documents
 from nnobs.measure import stats
+from nnobs.measure.predictors import LossMLP, NonlinearControl
 from nnobs.measure.probes import (
     LinearProbe,
-    LossMLP,
-    NonlinearControl,
     fit_resampled,
     linear_scores,
     random_head_scores,
