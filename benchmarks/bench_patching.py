@@ -28,7 +28,12 @@ import numpy as np
 import torch
 
 from nnobs.data.tasks import load_task
-from nnobs.interventions.patching import patch_sweep_arrays, patched_run, sweep_units
+from nnobs.interventions.patching import (
+    PatchSettings,
+    patch_sweep_arrays,
+    patched_run,
+    sweep_units,
+)
 from nnobs.models.adapter import nnobs_adapter
 from nnobs.models.load import load_model
 from nnobs.models.transformer import Transformer
@@ -77,12 +82,13 @@ def main() -> None:
     task = task.subset(max(task.groups(), key=lambda g: len(g) * len(task.corrupted[g[0]])))
     units = sweep_units(adapter, "resid_pre")
     lengths = sorted({len(c) for c in task.corrupted})
-    patch_sweep_arrays(adapter, task, units[:1], batch_size=args.batch_size)  # warm up
+    batched_settings = PatchSettings(batch_size=args.batch_size)
+    patch_sweep_arrays(adapter, task, units[:1], batched_settings)  # warm up
 
-    batched, t_batched = timed(
-        lambda: patch_sweep_arrays(adapter, task, units, batch_size=args.batch_size)
+    batched, t_batched = timed(lambda: patch_sweep_arrays(adapter, task, units, batched_settings))
+    single, t_single = timed(
+        lambda: patch_sweep_arrays(adapter, task, units, PatchSettings(batch_size=1))
     )
-    single, t_single = timed(lambda: patch_sweep_arrays(adapter, task, units, batch_size=1))
     n_patches = int(np.isfinite(batched.patched).sum())
 
     def reference():

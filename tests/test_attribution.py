@@ -9,7 +9,12 @@ from nnobs.core.errors import NnobsError
 from nnobs.core.results import schema_for, to_plain
 from nnobs.data.tasks import load_task
 from nnobs.data.tokenizer import byte_tokenizer
-from nnobs.interventions.attribution import attribute, attribute_item, quadrature
+from nnobs.interventions.attribution import (
+    AttributionSettings,
+    attribute,
+    attribute_item,
+    quadrature,
+)
 from nnobs.models.adapter import nnobs_adapter
 from nnobs.models.config import ModelConfig
 from nnobs.models.transformer import Transformer
@@ -47,7 +52,7 @@ def test_quadrature_rules_integrate_on_the_unit_interval(rule):
 @pytest.mark.parametrize("baseline", ["zero", "corrupted"])
 def test_integrated_gradients_is_complete_on_an_nnobs_model(adapter, task, site, baseline):
     for item in range(2):
-        r = attribute_item(adapter, task, item, site=site, baseline=baseline)
+        r = attribute_item(adapter, task, item, site, AttributionSettings(baseline=baseline))
         target = r["f_input"] - r["f_baseline"]
         assert r["complete"] and r["attribution_sum"] == pytest.approx(target, rel=0.01, abs=1e-5)
         assert len(r["per_position"]) == len(task.clean[item])
@@ -60,19 +65,20 @@ def test_integrated_gradients_is_complete_on_an_nnobs_model(adapter, task, site,
 def test_integrated_gradients_is_complete_on_a_tiny_hf_model():
     hf = tiny_gpt2_adapter()
     task = load_task("quote", hf.tokenizer, n=2, equal_length=False)
-    doc = attribute(hf, task, site="embed")
-    assert doc["completeness"]["all_within_tol"] and doc["completeness"]["max_rel_error"] <= 0.01
-    doc = attribute(hf, task, site="blocks.1.head_out", items=[0])
-    assert doc["completeness"]["all_within_tol"]
+    result = attribute(hf, task, site="embed")
+    completeness = result["completeness"]
+    assert completeness["all_within_tol"] and completeness["max_rel_error"] <= 0.01
+    result = attribute(hf, task, site="blocks.1.head_out", items=[0])
+    assert result["completeness"]["all_within_tol"]
 
 
 def test_steps_double_until_the_check_holds(adapter, task):
     # A ReLU model's integrand has kinks; a fixed small step count misses the tolerance
     # on this item, the adaptive schedule reaches it and reports how many steps it took.
     relu = tiny(seed=1, activation="relu")
-    fixed = attribute_item(relu, task, 0, steps=2, rule="riemann")
+    fixed = attribute_item(relu, task, 0, settings=AttributionSettings(steps=2, rule="riemann"))
     assert fixed["steps"] == 2 and not fixed["complete"]
-    adaptive = attribute_item(relu, task, 0, rule="riemann")
+    adaptive = attribute_item(relu, task, 0, settings=AttributionSettings(rule="riemann"))
     assert adaptive["complete"] and adaptive["steps"] > 2 and adaptive["rel_error"] <= 0.01
 
 
@@ -86,7 +92,9 @@ def test_zero_baseline_through_layernorms_needs_the_dyadic_rule():
             if p.dim() > 1:
                 p.mul_(5.0)
     task = load_task("paren", model.tokenizer, n=2)
-    plain = attribute_item(model, task, 0, rule="gauss-legendre", max_steps=256)
+    plain = attribute_item(
+        model, task, 0, settings=AttributionSettings(rule="gauss-legendre", max_steps=256)
+    )
     assert plain["rule"] == "gauss-legendre" and plain["steps"] == 256
     assert not plain["complete"] and plain["rel_error"] > 0.1
     auto = attribute_item(model, task, 0)
@@ -99,7 +107,7 @@ def test_gradient_times_input_is_exact_for_a_linear_readout():
     # Without norms the logits are linear in `final`: gradient × input is complete.
     adapter = tiny(seed=2, norm="none")
     task = load_task("paren", adapter.tokenizer, n=2)
-    r = attribute_item(adapter, task, 0, method="grad_x_input", site="final")
+    r = attribute_item(adapter, task, 0, "final", AttributionSettings(method="grad_x_input"))
     assert r["steps"] == 1 and r["rel_error"] < 1e-4
     # Only the last position feeds the logit difference.
     assert all(v == 0 for v in r["per_position"][:-1])
@@ -107,25 +115,29 @@ def test_gradient_times_input_is_exact_for_a_linear_readout():
     # so x . grad f(x) ~ 0 (Euler) and gradient × input sums to almost nothing although
     # f(x) - f(0) is not 0.
     layernorm = tiny(seed=2)
-    r = attribute_item(layernorm, task, 0, method="grad_x_input", site="blocks.1.resid_post")
+    r = attribute_item(
+        layernorm, task, 0, "blocks.1.resid_post", AttributionSettings(method="grad_x_input")
+    )
     assert abs(r["attribution_sum"]) < 0.05 * abs(r["f_input"] - r["f_baseline"])
     assert not r["complete"] and r["rel_error"] > 0.95
 
 
 def test_result_document_and_plot(adapter, task, tmp_path):
-    doc = attribute(adapter, task, items=[0, 1], baseline="corrupted")
-    jsonschema.validate(to_plain(doc), schema_for("nnobs.interventions"))
-    assert doc["settings"]["method"] == "ig" and len(doc["items"]) == 2
-    assert doc["completeness"]["max_steps_used"] >= 16
-    doc = json.loads(json.dumps(to_plain(doc)))
-    assert attribution_plot(doc, tmp_path / "a.png").stat().st_size > 1000
+    result = attribute(
+        adapter, task, settings=AttributionSettings(baseline="corrupted"), items=[0, 1]
+    )
+    jsonschema.validate(to_plain(result), schema_for("nnobs.interventions"))
+    assert result["settings"]["method"] == "ig" and len(result["items"]) == 2
+    assert result["completeness"]["max_steps_used"] >= 16
+    result = json.loads(json.dumps(to_plain(result)))
+    assert attribution_plot(result, tmp_path / "a.png").stat().st_size > 1000
 
 
 def test_bad_attribution_requests(adapter, task, tmp_path):
     with pytest.raises(NnobsError, match="unknown hook site"):
         attribute(adapter, task, site="blocks.0.nothing")
     with pytest.raises(NnobsError, match="unknown attribution method"):
-        attribute(adapter, task, method="saliency")
+        attribute(adapter, task, settings=AttributionSettings(method="saliency"))
     with pytest.raises(NnobsError, match="item 9 is out of range"):
         attribute(adapter, task, items=[9])
     with pytest.raises(NnobsError, match="choose a site with positions"):
@@ -136,5 +148,5 @@ def test_bad_attribution_requests(adapter, task, tmp_path):
     with pytest.raises(
         NnobsError, match=r"corrupted baseline needs prompts of equal .* \(4 vs 5\)"
     ):
-        attribute(adapter, unequal, baseline="corrupted")
+        attribute(adapter, unequal, settings=AttributionSettings(baseline="corrupted"))
     assert attribute(adapter, unequal)["completeness"]["all_within_tol"]

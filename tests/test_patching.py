@@ -11,6 +11,7 @@ from nnobs.core.results import schema_for, to_plain
 from nnobs.data.tasks import load_task
 from nnobs.data.tokenizer import byte_tokenizer
 from nnobs.interventions.patching import (
+    PatchSettings,
     Unit,
     patch_sweep,
     patch_sweep_arrays,
@@ -67,7 +68,7 @@ def test_batched_sweep_equals_one_forward_pass_per_patch(which, request, task):
     model = request.getfixturevalue(which)
     units = sweep_units(model, "resid_pre") + sweep_units(model, "heads")
     units.append(Unit("blocks.1.mlp_hidden"))
-    arrays = patch_sweep_arrays(model, task, units, batch_size=7)
+    arrays = patch_sweep_arrays(model, task, units, PatchSettings(batch_size=7))
     assert arrays.patched.shape == (len(task), len(units), len(arrays.positions))
     assert not np.isnan(arrays.patched).any()
     for i in range(len(task)):
@@ -82,12 +83,14 @@ def test_batched_sweep_equals_one_forward_pass_per_patch(which, request, task):
 
 def test_whole_stream_patches_give_effect_one_and_reverse_zero(adapter, task):
     units = [Unit("embed"), Unit("blocks.1.resid_post"), Unit("final")]
-    arrays = patch_sweep_arrays(adapter, task, units, per_position=False)
+    arrays = patch_sweep_arrays(adapter, task, units, PatchSettings(per_position=False))
     assert arrays.positions == [] and arrays.patched.shape == (len(task), 3, 1)
     np.testing.assert_allclose(
         arrays.patched[:, :, 0], arrays.clean[:, None].repeat(3, 1), atol=1e-5
     )
-    back = patch_sweep_arrays(adapter, task, units, per_position=False, source="corrupted")
+    back = patch_sweep_arrays(
+        adapter, task, units, PatchSettings(per_position=False, source="corrupted")
+    )
     np.testing.assert_allclose(
         back.patched[:, :, 0], back.corrupted[:, None].repeat(3, 1), atol=1e-5
     )
@@ -104,13 +107,13 @@ def test_layer_zero_effect_sits_on_the_one_differing_token(adapter, tmp_path):
     path = tmp_path / "quote.jsonl"
     path.write_text("\n".join(json.dumps(i) for i in items))
     task = load_task(path, adapter.tokenizer)
-    doc = patch_sweep(adapter, task, ["resid_pre", "heads"], n_boot=50)
-    jsonschema.validate(to_plain(doc), schema_for("nnobs.interventions"))
-    resid = doc["sweeps"][0]
+    result = patch_sweep(adapter, task, ["resid_pre", "heads"], PatchSettings(n_boot=50))
+    jsonschema.validate(to_plain(result), schema_for("nnobs.interventions"))
+    resid = result["sweeps"][0]
     assert resid["positions"] == list(range(8))
     assert resid["position_labels"][4] == "'/\"" and resid["position_labels"][5] == "a"
     effect, patched = np.array(resid["effect"]), np.array(resid["patched_logit_diff"])
-    base = doc["baseline"]
+    base = result["baseline"]
     np.testing.assert_allclose(
         effect, (patched - base["corrupted_logit_diff"]) / base["gap"], rtol=1e-9
     )
@@ -119,15 +122,15 @@ def test_layer_zero_effect_sits_on_the_one_differing_token(adapter, tmp_path):
     assert effect[0, 4] == pytest.approx(1.0, abs=1e-5)
     assert np.all(effect[0, [0, 1, 2, 3, 5, 6, 7]] == 0)
     assert np.all(effect[1, :4] == 0)  # causal: positions before the change never matter
-    heads = doc["sweeps"][1]
+    heads = result["sweeps"][1]
     assert heads["units"][:2] == ["blocks.0.head_out[0]", "blocks.0.head_out[1]"]
     assert np.array(heads["effect"]).shape == (8, 8)
 
 
 def test_plot_reads_the_document(adapter, task, tmp_path):
-    doc = to_plain(patch_sweep(adapter, task, ["mlp_out"], n_boot=20))
-    doc = json.loads(json.dumps(doc))  # what a reader of the JSON file sees
-    path = patching_heatmap(doc, doc["sweeps"][0], tmp_path / "p.png")
+    result = to_plain(patch_sweep(adapter, task, ["mlp_out"], PatchSettings(n_boot=20)))
+    result = json.loads(json.dumps(result))  # what a reader of the JSON file sees
+    path = patching_heatmap(result, result["sweeps"][0], tmp_path / "p.png")
     assert path.stat().st_size > 1000
 
 
@@ -171,4 +174,4 @@ def test_bad_sweeps_are_clear_errors(adapter, task):
     with pytest.raises(NnobsError, match="patch head_out instead"):
         patch_sweep_arrays(adapter, task, [Unit("blocks.0.attn_pattern")])
     with pytest.raises(NnobsError, match="unknown patch source"):
-        patch_sweep_arrays(adapter, task, [Unit("embed")], source="both")
+        patch_sweep_arrays(adapter, task, [Unit("embed")], PatchSettings(source="both"))

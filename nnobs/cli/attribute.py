@@ -59,26 +59,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from nnobs.core.results import write_result
-    from nnobs.interventions.attribution import attribute
+    from nnobs.interventions.attribution import AttributionSettings, attribute
     from nnobs.report.intervention_plots import attribution_plot
 
     adapter = load_adapter(args)
     task = load_task_from_args(args, adapter, equal_length=args.baseline == "corrupted")
     if args.items < 1:
         raise NnobsError(f"--items must be a positive integer, got {args.items}")
-    result = attribute(
-        adapter,
-        task,
+    settings = AttributionSettings(
         method=args.method,
-        site=args.site,
         baseline=args.baseline,
-        items=range(min(args.items, len(task))),
-        steps=args.steps,
         rule=args.rule,
-        tol=args.tol,
+        steps=args.steps,
         max_steps=args.max_steps,
+        tol=args.tol,
         batch_size=args.batch_size,
     )
+    result = attribute(adapter, task, args.site, settings, items=range(min(args.items, len(task))))
     out = Path(args.out)
     path = write_result(out / "attribute.json", result)
     attribution_plot(result, out / "attribute.png")

@@ -59,19 +59,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from nnobs.core.results import write_result
-    from nnobs.interventions.patching import patch_sweep
+    from nnobs.interventions.patching import PatchSettings, patch_sweep
     from nnobs.report.intervention_plots import patching_heatmap
 
     adapter = load_adapter(args)
     task = load_task_from_args(args, adapter, equal_length=True)
+    settings = PatchSettings(
+        source=args.source,
+        per_position=not args.all_positions,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
     result = patch_sweep(
         adapter,
         task,
         args.sweep or ["resid_pre", "attn_out", "mlp_out"],
-        per_position=not args.all_positions,
-        source=args.source,
-        batch_size=args.batch_size,
-        seed=args.seed,
+        settings,
         progress=not args.no_progress,
     )
     out = Path(args.out)

@@ -29,11 +29,11 @@ from nnobs.core.files import atomic_path, write_json
 from nnobs.data.tasks import EncodedTask
 from nnobs.interventions.targets import (
     Target,
-    document,
     make_target,
     position_axis,
     project_out,
     replace_edit,
+    result_document,
     scale_edit,
 )
 from nnobs.measure import stats
@@ -286,7 +286,9 @@ def ablate(
         }
     settings = {"seed": seed, "n_boot": n_boot, "batch_size": batch_size}
     data = {"task": task.describe()} if task is not None else {"windows": _windows_info(windows_t)}
-    return document(adapter, "ablation", settings, **data, mean_cache=mean_info, ablation=result)
+    return result_document(
+        adapter, "ablation", settings, **data, mean_cache=mean_info, ablation=result
+    )
 
 
 def _windows_info(windows: torch.Tensor) -> dict:
@@ -420,7 +422,7 @@ def direction_intervention(
         "later_layers": signal,
     }
     settings = {"seed": seed, "n_boot": n_boot, "batch_size": batch_size}
-    return document(
+    return result_document(
         adapter, "direction", settings, windows=_windows_info(windows_t), direction=result
     )
 

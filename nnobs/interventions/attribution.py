@@ -17,13 +17,14 @@ the feature axis to one number per position, and for head and neuron sites also 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from nnobs.core.errors import NnobsError
 from nnobs.data.tasks import EncodedTask
-from nnobs.interventions.targets import document, position_axis, site_kind
+from nnobs.interventions.targets import position_axis, result_document, site_kind
 from nnobs.models.adapter import ModelAdapter
 
 METHODS = ("ig", "grad_x_input")
@@ -35,6 +36,41 @@ DYADIC_LEVELS = 48
 BASELINES = ("zero", "corrupted")
 # Completeness gaps below this are float32 round-off, whatever the relative size.
 ABS_SLACK = 1e-5
+
+
+@dataclass(frozen=True)
+class AttributionSettings:
+    """Every choice an attribution makes besides the site and items it attributes.
+
+    ``method``: ``ig`` or ``grad_x_input``; ``baseline``: ``zero`` or ``corrupted`` (the
+    corrupted prompt's activation); ``rule``, ``steps``, ``max_steps``: the quadrature of
+    :func:`schedule` (``steps`` None: adaptive); ``tol``: the completeness tolerance;
+    ``batch_size``: points of the path per forward pass.
+    """
+
+    method: str = "ig"
+    baseline: str = "zero"
+    rule: str = "auto"
+    steps: int | None = None
+    max_steps: int = 1024
+    tol: float = 0.01
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise NnobsError(
+                f"unknown attribution method {self.method!r}: choose {' or '.join(METHODS)}"
+            )
+        if self.baseline not in BASELINES:
+            raise NnobsError(f"unknown baseline {self.baseline!r}: choose {' or '.join(BASELINES)}")
+        if self.rule not in RULES:
+            raise NnobsError(
+                f"unknown quadrature rule {self.rule!r}: choose one of {', '.join(RULES)}"
+            )
+        if not 0 < self.tol < 1:
+            raise NnobsError(f"tol must be in (0, 1), got {self.tol}")
+        if self.steps is not None and self.steps < 1:
+            raise NnobsError(f"steps must be a positive integer, got {self.steps}")
 
 
 def quadrature(rule: str, steps: int) -> tuple[np.ndarray, np.ndarray]:
@@ -142,15 +178,8 @@ def attribute_item(
     adapter: ModelAdapter,
     task: EncodedTask,
     item: int,
-    *,
-    method: str = "ig",
     site: str = "embed",
-    baseline: str = "zero",
-    steps: int | None = None,
-    rule: str = "auto",
-    tol: float = 0.01,
-    max_steps: int = 1024,
-    batch_size: int = 32,
+    settings: AttributionSettings | None = None,
 ) -> dict:
     """Attribute item ``item``'s logit difference to the activation at ``site``.
 
@@ -158,12 +187,13 @@ def attribute_item(
     gap ``|sum(attributions) - (f(x) - f(x0))|`` is within ``tol`` of ``|f(x) - f(x0)|``;
     the achieved gap, the rule and the number of steps are reported either way.
     """
+    settings = settings or AttributionSettings()
     dev = adapter.device
     ids = torch.tensor([task.clean[item]], dtype=torch.long, device=dev)
     answers = (task.correct[item], task.incorrect[item])
     _, cache = adapter.run_with_cache(ids, [site])
     x = cache[site]
-    if baseline == "zero":
+    if settings.baseline == "zero":
         x0 = torch.zeros_like(x)
     else:
         corrupted = torch.tensor([task.corrupted[item]], dtype=torch.long, device=dev)
@@ -172,13 +202,17 @@ def attribute_item(
     f_x = _value_at(adapter, ids, site, None, answers)
     f_x0 = _value_at(adapter, ids, site, x0, answers)
     target = f_x - f_x0
-    for quadrature_try in schedule(method, rule, steps, max_steps):
+    for quadrature_try in schedule(
+        settings.method, settings.rule, settings.steps, settings.max_steps
+    ):
         used, alphas, weights = quadrature_try
-        grad = path_gradient(adapter, ids, site, x, x0, answers, alphas, weights, batch_size)
+        grad = path_gradient(
+            adapter, ids, site, x, x0, answers, alphas, weights, settings.batch_size
+        )
         attr = ((x - x0)[0].float() * grad).cpu()
         total = float(attr.sum())
         gap = abs(total - target)
-        complete = gap <= tol * abs(target) + ABS_SLACK
+        complete = gap <= settings.tol * abs(target) + ABS_SLACK
         if complete:
             break
     per_position, units = _reduce(attr, site)
@@ -201,79 +235,49 @@ def attribute_item(
 def attribute(
     adapter: ModelAdapter,
     task: EncodedTask,
-    *,
-    method: str = "ig",
     site: str = "embed",
-    baseline: str = "zero",
+    settings: AttributionSettings | None = None,
+    *,
     items: Sequence[int] | None = None,
-    steps: int | None = None,
-    rule: str = "auto",
-    tol: float = 0.01,
-    max_steps: int = 1024,
-    batch_size: int = 32,
 ) -> dict:
-    """Attribute every item (or ``items``) of ``task``; returns a result document whose
-    ``completeness`` block summarises the gaps (IG: within ``tol`` for every item?)."""
-    if method not in METHODS:
-        raise NnobsError(f"unknown attribution method {method!r}: choose {' or '.join(METHODS)}")
-    if baseline not in BASELINES:
-        raise NnobsError(f"unknown baseline {baseline!r}: choose {' or '.join(BASELINES)}")
-    if rule not in RULES:
-        raise NnobsError(f"unknown quadrature rule {rule!r}: choose one of {', '.join(RULES)}")
+    """Attribute every item (or ``items``) of ``task`` to ``site``; returns a result document
+    whose ``completeness`` block summarises the gaps (IG: within ``tol`` for every item?)."""
+    settings = settings or AttributionSettings()
     adapter.resolve(site)
     if position_axis(site) != 1:
         raise NnobsError(f"cannot attribute to {site!r}: choose a site with positions on axis 1")
-    if not 0 < tol < 1:
-        raise NnobsError(f"tol must be in (0, 1), got {tol}")
-    if steps is not None and steps < 1:
-        raise NnobsError(f"steps must be a positive integer, got {steps}")
     chosen = list(range(len(task))) if items is None else list(items)
     for i in chosen:
         if not 0 <= i < len(task):
             raise NnobsError(f"item {i} is out of range: the task has {len(task)} items")
-        if baseline == "corrupted" and len(task.clean[i]) != len(task.corrupted[i]):
+        if settings.baseline == "corrupted" and len(task.clean[i]) != len(task.corrupted[i]):
             raise NnobsError(
                 f"item {i}: the corrupted baseline needs prompts of equal token length "
                 f"({len(task.clean[i])} vs {len(task.corrupted[i])}); use the zero baseline"
             )
-    results = [
-        attribute_item(
-            adapter,
-            task,
-            i,
-            method=method,
-            site=site,
-            baseline=baseline,
-            steps=steps,
-            rule=rule,
-            tol=tol,
-            max_steps=max_steps,
-            batch_size=batch_size,
-        )
-        for i in chosen
-    ]
-    rel = [r["rel_error"] for r in results if r["rel_error"] is not None]
+    attributed = [attribute_item(adapter, task, i, site, settings) for i in chosen]
+    rel = [r["rel_error"] for r in attributed if r["rel_error"] is not None]
     completeness = {
-        "tol": tol,
-        "all_within_tol": all(r["complete"] for r in results),
+        "tol": settings.tol,
+        "all_within_tol": all(r["complete"] for r in attributed),
         "max_rel_error": max(rel) if rel else None,
-        "max_abs_error": max(r["abs_error"] for r in results),
-        "max_steps_used": max(r["steps"] for r in results),
+        "max_abs_error": max(r["abs_error"] for r in attributed),
+        "max_steps_used": max(r["steps"] for r in attributed),
     }
-    settings = {
-        "method": method,
+    recorded = {
+        "method": settings.method,
         "site": site,
-        "baseline": baseline,
-        "rule": rule if method == "ig" else None,
-        "steps": steps,
-        "max_steps": max_steps,
-        "batch_size": batch_size,
+        "baseline": settings.baseline,
+        "rule": settings.rule if settings.method == "ig" else None,
+        "steps": settings.steps,
+        "max_steps": settings.max_steps,
+        "batch_size": settings.batch_size,
     }
-    return document(
+    return result_document(
         adapter,
         "attribution",
-        settings,
+        recorded,
         task=task.describe(),
         completeness=completeness,
-        items=results,
+        items=attributed,
     )

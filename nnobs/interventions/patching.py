@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -26,10 +26,10 @@ from tqdm import tqdm
 from nnobs.core.errors import NnobsError
 from nnobs.data.tasks import EncodedTask
 from nnobs.interventions.targets import (
-    document,
     make_target,
     position_axis,
     replace_edit,
+    result_document,
     site_shape,
 )
 from nnobs.models.adapter import ModelAdapter
@@ -37,6 +37,27 @@ from nnobs.models.adapter import ModelAdapter
 SOURCES = ("clean", "corrupted")
 # Sweeps by name: a site kind per layer, or every head of every layer.
 SWEEPS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "mlp_hidden", "heads")
+
+
+@dataclass(frozen=True)
+class PatchSettings:
+    """Every choice a patching sweep makes besides what it patches; stored in the result.
+
+    ``source``: the run activations come from (``clean`` patches into the corrupted run);
+    ``per_position``: each unit at each position, else at all positions at once;
+    ``batch_size``: rows per forward pass; ``n_boot``, ``seed``: the bootstrap of the gap.
+    """
+
+    source: str = "clean"
+    per_position: bool = True
+    batch_size: int = 64
+    n_boot: int = 1000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_source(self.source)
+        if self.batch_size < 1:
+            raise NnobsError(f"batch_size must be a positive integer, got {self.batch_size}")
 
 
 @dataclass(frozen=True)
@@ -101,9 +122,14 @@ def _logit_diff(logits: torch.Tensor, correct: torch.Tensor, incorrect: torch.Te
     return last[rows, correct] - last[rows, incorrect]
 
 
-def _roles(task: EncodedTask, source: str) -> tuple[list[list[int]], list[list[int]]]:
+def _check_source(source: str) -> None:
     if source not in SOURCES:
         raise NnobsError(f"unknown patch source {source!r}: use one of {', '.join(SOURCES)}")
+
+
+def _roles(task: EncodedTask, source: str) -> tuple[list[list[int]], list[list[int]]]:
+    """(base prompts, source prompts): the run patched into, and the run patched from."""
+    _check_source(source)
     if source == "clean":
         return task.corrupted, task.clean
     return task.clean, task.corrupted
@@ -186,25 +212,23 @@ def patch_sweep_arrays(
     adapter: ModelAdapter,
     task: EncodedTask,
     units: Sequence[Unit],
+    settings: PatchSettings | None = None,
     *,
-    per_position: bool = True,
-    source: str = "clean",
-    batch_size: int = 64,
     progress: bool = False,
 ) -> PatchArrays:
     """Patch every unit, at every position (or at all positions at once), into every item.
 
-    Each forward pass stacks ``batch_size`` rows; row r is item i_r's base prompt with unit
+    Each forward pass stacks ``settings.batch_size`` rows; row r is item i_r's base prompt with unit
     u_r patched at position p_r, so one pass serves many patches. Positions are aligned at
     the end when items differ in length: the sweep covers the last ``m`` positions, ``m``
     the shortest base prompt. A patch whose base position has no source position
     (``align`` with unequal lengths) is left out (NaN).
     """
+    settings = settings or PatchSettings()
+    per_position, batch_size = settings.per_position, settings.batch_size
     check_units(adapter, units)
-    if batch_size < 1:
-        raise NnobsError(f"batch_size must be a positive integer, got {batch_size}")
     units = list(units)
-    base, src = _roles(task, source)
+    base, src = _roles(task, settings.source)
     offsets, labels = _positions(task, base)
     n_pos = len(offsets) if per_position else 1
     patched = np.full((len(task), len(units), n_pos), np.nan)
@@ -292,12 +316,8 @@ def patch_sweep(
     adapter: ModelAdapter,
     task: EncodedTask,
     sweeps: Sequence[str] = ("resid_pre",),
+    settings: PatchSettings | None = None,
     *,
-    per_position: bool = True,
-    source: str = "clean",
-    batch_size: int = 64,
-    n_boot: int = 1000,
-    seed: int = 0,
     progress: bool = False,
 ) -> dict:
     """Run each named sweep (see ``SWEEPS``) over ``task`` and return a result document:
@@ -305,25 +325,20 @@ def patch_sweep(
     effects, plus the clean and corrupted baselines with a bootstrap interval of their gap."""
     from nnobs.measure import stats
 
+    settings = settings or PatchSettings()
     if not sweeps:
         raise NnobsError(f"no sweep given: choose from {', '.join(SWEEPS)}")
-    results, arrays = [], None
+    swept, arrays = [], None
     for name in sweeps:
         arrays = patch_sweep_arrays(
-            adapter,
-            task,
-            sweep_units(adapter, name),
-            per_position=per_position,
-            source=source,
-            batch_size=batch_size,
-            progress=progress,
+            adapter, task, sweep_units(adapter, name), settings, progress=progress
         )
         patched, effect = _effects(arrays)
-        results.append(
+        swept.append(
             {
                 "name": name,
                 "units": [u.label for u in arrays.units],
-                "per_position": per_position,
+                "per_position": settings.per_position,
                 "positions": arrays.positions,
                 "position_labels": arrays.position_labels,
                 "patched_logit_diff": patched,
@@ -333,22 +348,19 @@ def patch_sweep(
     clean, corrupted = arrays.clean, arrays.corrupted
     gap_ci = (
         stats.bootstrap_ci(
-            lambda a, b: a.mean() - b.mean(), clean, corrupted, n_boot=n_boot, seed=seed
+            lambda a, b: a.mean() - b.mean(),
+            clean,
+            corrupted,
+            n_boot=settings.n_boot,
+            seed=settings.seed,
         )
         if len(clean) > 1
         else (float("nan"), float("nan"))
     )
-    settings = {
-        "source": source,
-        "per_position": per_position,
-        "batch_size": batch_size,
-        "n_boot": n_boot,
-        "seed": seed,
-    }
-    return document(
+    return result_document(
         adapter,
         "patching",
-        settings,
+        asdict(settings),
         task=task.describe(),
         baseline={
             "clean_logit_diff": float(clean.mean()),
@@ -358,5 +370,5 @@ def patch_sweep(
             "clean_accuracy": float((clean > 0).mean()),
             "corrupted_accuracy": float((corrupted < 0).mean()),
         },
-        sweeps=results,
+        sweeps=swept,
     )
