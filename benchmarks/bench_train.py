@@ -24,8 +24,9 @@ from nnobs.data.corpus import load_corpus
 from nnobs.data.encoding import token_stream
 from nnobs.data.tokenizer import get_tokenizer
 from nnobs.models.transformer import Transformer
+from nnobs.training.config import TrainConfig
 from nnobs.training.runconfig import load_run_config
-from nnobs.training.trainer import TrainConfig, train
+from nnobs.training.trainer import train
 
 
 def trainer_throughput(mc, tc: TrainConfig, out: Path) -> float:

@@ -46,7 +46,8 @@ from nnobs.data.tokenizer import get_tokenizer
 from nnobs.observe.live import ObservabilityCallback
 from nnobs.observe.trajectory import TrajectorySettings, observe_run, run_corpus
 from nnobs.training.runconfig import load_run_config
-from nnobs.training.trainer import checkpoint_steps, train
+from nnobs.training.schedule import checkpoint_steps
+from nnobs.training.trainer import train
 
 LIVE_TARGET = 0.10
 SHARING_TARGET = 1.5

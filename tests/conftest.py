@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from nnobs.models.config import ModelConfig
-from nnobs.training.trainer import TrainConfig
+from nnobs.training.config import TrainConfig
 
 TINY_MODEL = ModelConfig(vocab_size=257, d_model=32, n_layers=2, n_heads=4, max_seq_len=64)
 

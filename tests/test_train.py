@@ -10,14 +10,10 @@ from nnobs.core.files import read_json
 from nnobs.core.rundir import list_checkpoints, read_meta, read_metrics, resolve_checkpoint
 from nnobs.models.checkpoint import load_checkpoint
 from nnobs.models.config import ModelConfig
-from nnobs.training.trainer import (
-    TrainConfig,
-    batch_starts,
-    checkpoint_steps,
-    lr_at,
-    train,
-    unigram_loss,
-)
+from nnobs.training.config import TrainConfig
+from nnobs.training.schedule import batch_starts, checkpoint_steps, lr_at
+from nnobs.training.tokens import unigram_loss
+from nnobs.training.trainer import train
 
 MC = ModelConfig(vocab_size=257, d_model=32, n_layers=2, n_heads=4, max_seq_len=32)
 TC = TrainConfig(
@@ -176,6 +172,50 @@ def test_resume_from_an_earlier_checkpoint_is_exact(tmp_path):
     assert_same_weights(weights(tmp_path / "full"), weights(out))
     assert [r["step"] for r in read_metrics(out)] == [0, 4, 8, 12]
     assert not list((out / "checkpoints").glob(".tmp-*"))
+
+
+class StepRecorder:
+    def __init__(self):
+        self.steps = []
+
+    def on_step(self, model, optimizer, step):
+        assert model.training and isinstance(optimizer, torch.optim.AdamW)
+        self.steps.append(step)
+
+
+class ZeroEmbeddingsAt:
+    """Zero the (tied) token embeddings after update ``at``: every logit is then 0."""
+
+    def __init__(self, at):
+        self.at = at
+
+    def on_step(self, model, optimizer, step):
+        if step == self.at:
+            with torch.no_grad():
+                model.tok_emb.weight.zero_()
+
+
+def test_step_hooks_are_called_once_after_every_update(tmp_path):
+    first, second = StepRecorder(), StepRecorder()
+    train(MC, TC, tmp_path, progress=False, hooks=[first, second])
+    assert first.steps == second.steps == list(range(1, 13))
+    # A run resumed from step 4 calls them for the updates it makes.
+    for step in (8, 12):
+        (tmp_path / "checkpoints" / f"step_{step:06d}").rename(
+            tmp_path / "checkpoints" / f".tmp-step_{step:06d}-x"
+        )
+    resumed = StepRecorder()
+    train(MC, TC, tmp_path, progress=False, hooks=[resumed])
+    assert resumed.steps == list(range(5, 13))
+
+
+def test_a_step_hook_changes_what_the_next_step_trains_and_the_checkpoint_holds(tmp_path):
+    train(MC, TC.replace(log_every=1), tmp_path, progress=False, hooks=[ZeroEmbeddingsAt(4)])
+    losses = {r["step"]: r["loss"] for r in read_metrics(tmp_path)[1:]}  # step 0: no update
+    assert losses[4] < math.log(257) - 0.1
+    assert losses[5] == pytest.approx(math.log(257), abs=1e-5)  # update 5 saw uniform logits
+    assert not weights(tmp_path, 4)["tok_emb.weight"].any()
+    assert weights(tmp_path, 8)["tok_emb.weight"].any()
 
 
 def test_finished_run_is_left_alone(tmp_path):

@@ -54,7 +54,7 @@ from nnobs.core.rundir import RunDir
 from nnobs.models.config import ModelConfig
 from nnobs.models.sizing import count_params, match_params
 from nnobs.observe.trajectory import OBSERVED, TrajectorySettings
-from nnobs.training.trainer import TrainConfig
+from nnobs.training.config import TrainConfig
 
 SCHEMA = "nnobs.study"
 SCHEMA_VERSION = 1

@@ -12,13 +12,11 @@ import os
 import tomllib
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from nnobs.core.errors import NnobsError
 from nnobs.models.config import ModelConfig
-
-if TYPE_CHECKING:
-    from nnobs.training.trainer import TrainConfig
+from nnobs.training.config import TrainConfig
 
 PRESET_DIR = Path(__file__).parent / "presets"
 SECTIONS = ("model", "train")
@@ -77,8 +75,6 @@ def parse_override(text: str) -> tuple[str, str, Any]:
 def build_configs(
     tables: dict[str, Any], overrides: Iterable[str] = ()
 ) -> tuple[ModelConfig, TrainConfig]:
-    from nnobs.training.trainer import TrainConfig
-
     tables = {s: dict(tables.get(s, {})) for s in SECTIONS}
     for text in overrides:
         section, name, value = parse_override(text)

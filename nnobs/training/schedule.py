@@ -1,0 +1,47 @@
+"""What happens at each step of a run: the learning rate, the batches and the checkpoints.
+
+Each is a pure function of the step (and the config), so a resumed run repeats exactly what
+an uninterrupted one would have done.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from nnobs.training.config import TrainConfig
+
+
+def checkpoint_steps(total_steps: int, first: int = 16, linear_every: int = 1024) -> list[int]:
+    """Steps to save: 0, ``first`` doubling while below ``linear_every``, then every
+    ``linear_every`` steps, and always ``total_steps``. Log-spaced early, where the model
+    changes fastest; linear late."""
+    steps = {0, total_steps}
+    s = first
+    while s < linear_every and s <= total_steps:
+        steps.add(s)
+        s *= 2
+    steps.update(range(linear_every, total_steps + 1, linear_every))
+    return sorted(steps)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to ``lr``, then cosine decay to ``lr * min_lr_ratio`` at the last step."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
+
+
+def batch_starts(seed: int, step: int, n_tokens: int, seq_len: int, batch_size: int) -> np.ndarray:
+    """Window start offsets of the global batch of update ``step``: a pure function."""
+    rng = np.random.default_rng([seed, step])
+    return rng.integers(0, n_tokens - seq_len, size=batch_size)
+
+
+def eval_starts(n_tokens: int, seq_len: int, n_windows: int) -> np.ndarray:
+    """Evenly spaced validation windows: fixed, and the same for every seed and run."""
+    return np.linspace(0, n_tokens - seq_len - 1, n_windows).astype(np.int64)
