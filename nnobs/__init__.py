@@ -15,7 +15,7 @@ from nnobs.core.version import __version__
 _API = {
     "ModelConfig": "nnobs.models.config",
     "Transformer": "nnobs.models.transformer",
-    "TrainConfig": "nnobs.training.trainer",
+    "TrainConfig": "nnobs.training.config",
     "train": "nnobs.training.trainer",
     "load_model": "nnobs.models.load",
     "load_corpus": "nnobs.data.corpus",
