@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         out = Path("runs") / f"observe-{args.model.replace('/', '--')}"
     domain2 = None if args.domain2 == "none" else args.domain2
-    doc = observe_model(
+    result = observe_model(
         args.model,
         args.corpus or "stdlib",
         domain2=domain2,
@@ -119,8 +119,8 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         log=lambda msg: print(f"· {msg}", file=sys.stderr),
     )
-    layer_profile(doc, out / "layer_profile.png")
-    print(observe_summary(doc))
+    layer_profile(result, out / "layer_profile.png")
+    print(observe_summary(result))
     print(f"\nwrote {out / 'observe.json'} and {out / 'layer_profile.png'}")
     return 0
 
@@ -139,7 +139,7 @@ def run_trajectory(args: argparse.Namespace) -> int:
         attributes=args.attributes,
     )
     out = Path(args.out) if args.out else Path(args.model) / "trajectory"
-    doc = observe_run(
+    result = observe_run(
         args.model,
         corpus=args.corpus,
         settings=settings,
@@ -148,8 +148,8 @@ def run_trajectory(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         log=lambda msg: print(f"· {msg}", file=sys.stderr),
     )
-    collapse = doc["collapse"] or {}
-    for r in doc["checkpoints"]:
+    collapse = result["collapse"] or {}
+    for r in result["checkpoints"]:
         if r["status"] in ("observed", "shrunk"):
             best = r["best"]
             lo, hi = best["ensemble_ci95"]
@@ -159,7 +159,7 @@ def run_trajectory(args: argparse.Namespace) -> int:
             )
         else:
             print(f"step {r['step']:>7}  {r['status']}: {r['note']}")
-    floor = (doc["floor"] or {}).get("value")
+    floor = (result["floor"] or {}).get("value")
     print(f"\ndetection floor {floor:.3f}" if floor is not None else "\nno detection floor")
     print(f"verdict: {collapse.get('verdict', 'n/a')} — {collapse.get('reason', '')}")
     print(f"wrote {out / 'trajectory.json'} (render it with: nnobs report {args.model})")

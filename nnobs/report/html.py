@@ -198,7 +198,18 @@ def _answer(study: dict) -> str:
 
 
 def render_study(study: dict, out: Path) -> Path:
+    """The study page: the answer, the verdict table, the comparison, then one section per
+    variant."""
     page = Page(out, f"nnobs study: {study['name']}")
+    _study_answer(page, study)
+    _study_verdicts(page, study)
+    _study_comparison(page, study)
+    for variant in study["variants"]:
+        _variant_section(page, variant)
+    return page.write()
+
+
+def _study_answer(page: Page, study: dict) -> None:
     seeds = study["config"]["seeds"]
     page.add(
         f"<p>{_e(study.get('description', ''))}</p>"
@@ -209,6 +220,9 @@ def render_study(study: dict, out: Path) -> Path:
         f"{_e(study['controls']['training_seeds'])}. Statistic: "
         f"{_e(study['controls']['statistic'])}. Numbers: <code>study.json</code>.</p>"
     )
+
+
+def _study_verdicts(page: Page, study: dict) -> None:
     page.add("<h2>Verdicts</h2>")
     effects = {e["variant"]: e for e in study["effects"] if e["metric"] == "final_pcorr"}
     rows = []
@@ -242,6 +256,9 @@ def render_study(study: dict, out: Path) -> Path:
         rows,
         numeric={1, 4, 5, 6},
     )
+
+
+def _study_comparison(page: Page, study: dict) -> None:
     page.add("<h2>Comparison</h2>")
     page.figure(
         "study_comparison",
@@ -256,90 +273,105 @@ def render_study(study: dict, out: Path) -> Path:
         "Best-layer pcorr over training (mean of seeds, 95% t-band) and validation loss. "
         "Data: variants[].aggregate.",
     )
-    for v in study["variants"]:
-        agg = v["aggregate"]
-        n_layers = v["model_config"]["n_layers"]
-        layers = list(range(n_layers))
-        page.add(
-            f"<h2>{_e(v['name'])}</h2><p>{_verdict_span(v['verdict'])}: "
-            f"{_e(variant_verdict_text(v))} {_e(v.get('description', ''))}</p>"
-        )
-        slug = "".join(c if c.isalnum() else "_" for c in v["name"])
+
+
+def _variant_section(page: Page, v: dict) -> None:
+    """A variant's verdict, its per-layer figures (mean of seeds) and its runs."""
+    agg = v["aggregate"]
+    layers = list(range(v["model_config"]["n_layers"]))
+    page.add(
+        f"<h2>{_e(v['name'])}</h2><p>{_verdict_span(v['verdict'])}: "
+        f"{_e(variant_verdict_text(v))} {_e(v.get('description', ''))}</p>"
+    )
+    slug = "".join(c if c.isalnum() else "_" for c in v["name"])
+    page.figure(
+        f"heatmap_{slug}",
+        lambda p: plots.pcorr_heatmap(
+            agg["steps"],
+            layers,
+            agg["layer_pcorr_mean"],
+            p,
+            f"{v['name']}: pcorr by layer and step (mean of seeds)",
+        ),
+        f"{v['name']}: validation pcorr per layer × checkpoint, mean over seeds. "
+        "Data: aggregate.layer_pcorr_mean.",
+    )
+    if any(agg.get("cka_to_final_mean") or []):
         page.figure(
-            f"heatmap_{slug}",
-            lambda p, v=v, agg=agg, layers=layers: plots.pcorr_heatmap(
+            f"cka_{slug}",
+            lambda p: plots.cka_over_training(
                 agg["steps"],
                 layers,
-                agg["layer_pcorr_mean"],
+                agg["cka_to_final_mean"],
                 p,
-                f"{v['name']}: pcorr by layer and step (mean of seeds)",
+                f"{v['name']}: CKA to the final checkpoint",
             ),
-            f"{v['name']}: validation pcorr per layer × checkpoint, mean over seeds. "
-            "Data: aggregate.layer_pcorr_mean.",
+            f"{v['name']}: linear CKA of each layer to the same layer at the last "
+            "checkpoint (mean of seeds): where the representation settles. Data: "
+            "aggregate.cka_to_final_mean.",
         )
-        if any(agg.get("cka_to_final_mean") or []):
-            page.figure(
-                f"cka_{slug}",
-                lambda p, v=v, agg=agg, layers=layers: plots.cka_over_training(
-                    agg["steps"],
-                    layers,
-                    agg["cka_to_final_mean"],
-                    p,
-                    f"{v['name']}: CKA to the final checkpoint",
-                ),
-                f"{v['name']}: linear CKA of each layer to the same layer at the last "
-                "checkpoint (mean of seeds): where the representation settles. Data: "
-                "aggregate.cka_to_final_mean.",
-            )
-        if agg.get("attributes_mean"):
-            page.figure(
-                f"attributes_{slug}",
-                lambda p, v=v, agg=agg, layers=layers: plots.attribute_curves(
-                    agg["steps"],
-                    layers,
-                    agg["attributes_mean"],
-                    p,
-                    f"{v['name']}: attribute probes",
-                ),
-                f"{v['name']}: attribute-probe selectivity per layer over training (mean of "
-                "seeds). Data: aggregate.attributes_mean.",
-            )
-        page.table(
-            [
-                "seed",
-                "run",
-                "final pcorr [CI, one run]",
-                "layer",
-                "peak",
-                "val loss",
-                "verdict",
-                "reason",
-            ],
-            [
-                [
-                    str(r["seed"]),
-                    f"<code>{_e(r['run_dir'])}</code>",
-                    f"{_f(r['final']['pcorr'])} {_ci(r['final']['ci95'])}",
-                    str(r["final"]["layer"]),
-                    _f(r["peak_pcorr"]),
-                    _f(r["final"]["val_loss"], 3, sign=False),
-                    _verdict_span(r["collapse"]["verdict"]),
-                    _e(r["collapse"].get("reason") or ""),
-                ]
-                for r in v["runs"]
-            ],
-            numeric={3, 4, 5},
+    if agg.get("attributes_mean"):
+        page.figure(
+            f"attributes_{slug}",
+            lambda p: plots.attribute_curves(
+                agg["steps"],
+                layers,
+                agg["attributes_mean"],
+                p,
+                f"{v['name']}: attribute probes",
+            ),
+            f"{v['name']}: attribute-probe selectivity per layer over training (mean of "
+            "seeds). Data: aggregate.attributes_mean.",
         )
-    return page.write()
+    _variant_runs(page, v)
+
+
+def _variant_runs(page: Page, v: dict) -> None:
+    """One row per training seed of a variant."""
+    page.table(
+        [
+            "seed",
+            "run",
+            "final pcorr [CI, one run]",
+            "layer",
+            "peak",
+            "val loss",
+            "verdict",
+            "reason",
+        ],
+        [
+            [
+                str(r["seed"]),
+                f"<code>{_e(r['run_dir'])}</code>",
+                f"{_f(r['final']['pcorr'])} {_ci(r['final']['ci95'])}",
+                str(r["final"]["layer"]),
+                _f(r["peak_pcorr"]),
+                _f(r["final"]["val_loss"], 3, sign=False),
+                _verdict_span(r["collapse"]["verdict"]),
+                _e(r["collapse"].get("reason") or ""),
+            ]
+            for r in v["runs"]
+        ],
+        numeric={3, 4, 5},
+    )
 
 
 # ------------------------------------------------------------------------- trajectory
 
 
 def render_trajectory(page: Page, traj: dict) -> None:
+    """The "over training" section of a run's page: verdict, figures, checkpoints, cost."""
+    rows = [r for r in traj["checkpoints"] if r["status"] in ("observed", "shrunk")]
+    _trajectory_verdict(page, traj)
+    if rows:
+        _trajectory_figures(page, traj, rows)
+    _checkpoint_table(page, traj)
+    _budget_note(page, traj.get("budget"))
+
+
+def _trajectory_verdict(page: Page, traj: dict) -> None:
     collapse = traj.get("collapse") or {}
     floor = traj.get("floor") or {}
-    rows = [r for r in traj["checkpoints"] if r["status"] in ("observed", "shrunk")]
     run = traj.get("run") or {}
     mode = traj["mode"].replace("_", " ")
     page.add(
@@ -351,62 +383,72 @@ def render_trajectory(page: Page, traj: dict) -> None:
         f"{_e(traj.get('split_policy', ''))}. Parameters: {run.get('n_params') or '—'}. "
         "Numbers: <code>trajectory.json</code>.</p>"
     )
-    if rows:
+
+
+def _trajectory_figures(page: Page, traj: dict, rows: list[dict]) -> None:
+    """Figures over the measured checkpoints ``rows``."""
+    page.figure(
+        "trajectory_heatmap",
+        lambda p: plots.trajectory_heatmap(traj, p),
+        "Validation pcorr per layer × checkpoint (sweep probe, seed 42); outlined: the "
+        "layer reported at that checkpoint. Data: checkpoints[].layers[].pcorr.",
+    )
+    page.figure(
+        "trajectory_signal",
+        lambda p: plots.trajectory_signal(traj, p),
+        "Top: best-layer pcorr on the test split (ensemble of the probe seeds) with its "
+        "95% CI, the output-controlled residual, random heads and the detection floor. "
+        "Bottom: training and validation loss. Data: checkpoints[].best, "
+        ".output_controlled, .random_head, floor, loss_curve.",
+    )
+    layers = [x["layer"] for x in rows[0]["layers"]]
+    if any("cka_to_final" in r for r in rows):
+        steps = [r["step"] for r in rows]
         page.figure(
-            "trajectory_heatmap",
-            lambda p: plots.trajectory_heatmap(traj, p),
-            "Validation pcorr per layer × checkpoint (sweep probe, seed 42); outlined: the "
-            "layer reported at that checkpoint. Data: checkpoints[].layers[].pcorr.",
+            "trajectory_cka",
+            lambda p: plots.cka_over_training(
+                steps,
+                layers,
+                [r.get("cka_to_final") for r in rows],
+                p,
+                "CKA to the final checkpoint",
+            ),
+            "Linear CKA of each layer to the same layer at the last checkpoint. Data: "
+            "checkpoints[].cka_to_final.",
         )
+    if traj.get("cka"):
         page.figure(
-            "trajectory_signal",
-            lambda p: plots.trajectory_signal(traj, p),
-            "Top: best-layer pcorr on the test split (ensemble of the probe seeds) with its "
-            "95% CI, the output-controlled residual, random heads and the detection floor. "
-            "Bottom: training and validation loss. Data: checkpoints[].best, "
-            ".output_controlled, .random_head, floor, loss_curve.",
+            "cka_layers",
+            lambda p: plots.cka_layers(
+                traj["cka"], p, f"Layer × layer CKA at step {traj['cka']['reference_step']}"
+            ),
+            "Linear CKA between layers at the last checkpoint. Data: cka.matrix.",
         )
-        layers = [x["layer"] for x in rows[0]["layers"]]
-        if any("cka_to_final" in r for r in rows):
-            steps = [r["step"] for r in rows]
-            page.figure(
-                "trajectory_cka",
-                lambda p: plots.cka_over_training(
-                    steps,
-                    layers,
-                    [r.get("cka_to_final") for r in rows],
-                    p,
-                    "CKA to the final checkpoint",
-                ),
-                "Linear CKA of each layer to the same layer at the last checkpoint. Data: "
-                "checkpoints[].cka_to_final.",
-            )
-        if traj.get("cka"):
-            page.figure(
-                "cka_layers",
-                lambda p: plots.cka_layers(
-                    traj["cka"], p, f"Layer × layer CKA at step {traj['cka']['reference_step']}"
-                ),
-                "Linear CKA between layers at the last checkpoint. Data: cka.matrix.",
-            )
-        if any(r.get("attributes") for r in rows):
-            names = next(r["attributes"] for r in rows if r.get("attributes"))
-            attributes = {
-                a: {
-                    "selectivity": [
-                        (r.get("attributes") or {}).get(a, {}).get("selectivity") for r in rows
-                    ]
-                }
-                for a in names
-            }
-            page.figure(
-                "trajectory_attributes",
-                lambda p: plots.attribute_curves(
-                    [r["step"] for r in rows], layers, attributes, p, "Attribute probes"
-                ),
-                "Selectivity (probe accuracy minus control-task accuracy) per layer over "
-                "training. Data: checkpoints[].attributes.",
-            )
+    if any(r.get("attributes") for r in rows):
+        _attributes_figure(page, rows, layers)
+
+
+def _attributes_figure(page: Page, rows: list[dict], layers: list[int]) -> None:
+    """Attribute-probe selectivity per layer over the checkpoints ``rows``."""
+    names = next(r["attributes"] for r in rows if r.get("attributes"))
+    attributes = {
+        a: {
+            "selectivity": [(r.get("attributes") or {}).get(a, {}).get("selectivity") for r in rows]
+        }
+        for a in names
+    }
+    page.figure(
+        "trajectory_attributes",
+        lambda p: plots.attribute_curves(
+            [r["step"] for r in rows], layers, attributes, p, "Attribute probes"
+        ),
+        "Selectivity (probe accuracy minus control-task accuracy) per layer over "
+        "training. Data: checkpoints[].attributes.",
+    )
+
+
+def _checkpoint_table(page: Page, traj: dict) -> None:
+    """One row per checkpoint, measured or not."""
     table = []
     for r in traj["checkpoints"]:
         measured = r["status"] in ("observed", "shrunk")
@@ -427,7 +469,10 @@ def render_trajectory(page: Page, traj: dict) -> None:
         table,
         numeric={0, 2, 3},
     )
-    budget = traj.get("budget")
+
+
+def _budget_note(page: Page, budget: dict | None) -> None:
+    """What live observation cost against training, when the run was observed live."""
     if budget:
         page.add(
             f'<p class="meta">Live observation cost {budget["observe_seconds"]:.1f} s against '
@@ -438,17 +483,18 @@ def render_trajectory(page: Page, traj: dict) -> None:
         )
 
 
-def render_observe(page: Page, doc: dict) -> None:
+def render_observe(page: Page, result: dict) -> None:
+    """The section for one observe result: its layer profile and summary tables."""
     from nnobs.report.summary import observe_summary
 
     page.add("<h2>Observability protocol (one checkpoint)</h2>")
     page.figure(
         "layer_profile",
-        lambda p: plots.layer_profile(doc, p),
+        lambda p: plots.layer_profile(result, p),
         "pcorr per layer (sweep), the multi-seed candidates, the test headline with its CI and "
         "the detection floor. Data: observe.json.",
     )
-    page.add(f"<pre>{_e(observe_summary(doc))}</pre>")
+    page.add(f"<pre>{_e(observe_summary(result))}</pre>")
 
 
 # ----------------------------------------------------------------------------- entry

@@ -19,7 +19,7 @@ def _grid(rows: list[list[float | None]]) -> np.ndarray:
     return np.array([[np.nan if v is None else v for v in row] for row in rows], dtype=float)
 
 
-def patching_heatmap(doc: dict, sweep: dict, path: str | Path) -> Path:
+def patching_heatmap(result: dict, sweep: dict, path: str | Path) -> Path:
     """Normalised patching effect of one sweep: units (rows) × positions (columns)."""
     effect = _grid(sweep["effect"])
     labels = [_label(t) for t in sweep["position_labels"]] or ["all positions"]
@@ -32,11 +32,11 @@ def patching_heatmap(doc: dict, sweep: dict, path: str | Path) -> Path:
     ax.set_yticks(range(effect.shape[0]), sweep["units"], fontsize=7)
     ax.set_xlabel("position (token of the first clean prompt)")
     fig.colorbar(image, ax=ax, label="(patched - corrupted) / (clean - corrupted)")
-    source = doc["settings"]["source"]
-    base = doc["baseline"]
+    source = result["settings"]["source"]
+    base = result["baseline"]
     ax.set_title(
-        f"{doc['task']['name']}: {sweep['name']} patched from the {source} run\n"
-        f"({doc['task']['n_items']} items; mean logit difference clean "
+        f"{result['task']['name']}: {sweep['name']} patched from the {source} run\n"
+        f"({result['task']['n_items']} items; mean logit difference clean "
         f"{base['clean_logit_diff']:.2f}, "
         f"corrupted {base['corrupted_logit_diff']:.2f})",
         fontsize=9,
@@ -44,9 +44,9 @@ def patching_heatmap(doc: dict, sweep: dict, path: str | Path) -> Path:
     return save_figure(fig, path)
 
 
-def attribution_plot(doc: dict, path: str | Path, max_items: int = 6) -> Path:
+def attribution_plot(result: dict, path: str | Path, max_items: int = 6) -> Path:
     """Attribution per token for the first ``max_items`` items, one panel each."""
-    items = doc["items"][:max_items]
+    items = result["items"][:max_items]
     fig, axes = plt.subplots(len(items), 1, figsize=(9, 1.9 * len(items)), squeeze=False)
     for ax, item in zip(axes[:, 0], items, strict=True):
         values = np.asarray(item["per_position"], dtype=float)
@@ -62,9 +62,9 @@ def attribution_plot(doc: dict, path: str | Path, max_items: int = 6) -> Path:
             f"sum {item['attribution_sum']:.3f} (gap {gap}, {item['steps']} steps)",
             fontsize=8,
         )
-    s = doc["settings"]
+    s = result["settings"]
     fig.suptitle(
-        f"{doc['task']['name']}: {s['method']} to {s['site']} ({s['baseline']} baseline)",
+        f"{result['task']['name']}: {s['method']} to {s['site']} ({s['baseline']} baseline)",
         fontsize=10,
     )
     fig.tight_layout()

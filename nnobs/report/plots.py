@@ -20,19 +20,21 @@ def save_figure(fig, path: str | Path) -> Path:
     return path
 
 
-def layer_profile(doc: dict, path: str | Path) -> Path:
+def layer_profile(result: dict, path: str | Path) -> Path:
     """pcorr per layer (sweep), the multi-seed candidates with their spread, the floor."""
     fig, ax = plt.subplots(figsize=(7, 4))
-    layers = [r["layer"] for r in doc["sweep"]]
-    ax.plot(layers, [r["pcorr"] for r in doc["sweep"]], "o-", label="pcorr (validation, seed 42)")
+    layers = [r["layer"] for r in result["sweep"]]
+    ax.plot(
+        layers, [r["pcorr"] for r in result["sweep"]], "o-", label="pcorr (validation, seed 42)"
+    )
     ax.plot(
         layers,
-        [r["spearman"] for r in doc["sweep"]],
+        [r["spearman"] for r in result["sweep"]],
         ".--",
         color="grey",
         label="uncontrolled Spearman",
     )
-    multi = doc["multiseed"]
+    multi = result["multiseed"]
     ax.errorbar(
         [r["layer"] for r in multi],
         [r["mean"] for r in multi],
@@ -42,10 +44,10 @@ def layer_profile(doc: dict, path: str | Path) -> Path:
         color="C1",
         label=f"{len(multi[0]['seeds'])}-seed mean ± std",
     )
-    head = doc["headline"]
+    head = result["headline"]
     lo, hi = head["ensemble_ci95"]
     ax.errorbar(
-        [doc["layer"]],
+        [result["layer"]],
         [head["ensemble"]],
         # a percentile interval from few tokens need not contain the estimate
         yerr=[[max(0.0, head["ensemble"] - lo)], [max(0.0, hi - head["ensemble"])]],
@@ -56,8 +58,8 @@ def layer_profile(doc: dict, path: str | Path) -> Path:
         label="test (ensemble, 95% CI)",
     )
     ax.axhspan(
-        -doc["floor"]["value"],
-        doc["floor"]["value"],
+        -result["floor"]["value"],
+        result["floor"]["value"],
         color="grey",
         alpha=0.15,
         label="detection floor",
@@ -66,7 +68,7 @@ def layer_profile(doc: dict, path: str | Path) -> Path:
     ax.set_xlabel("layer")
     ax.set_ylabel("partial Spearman with loss")
     ax.set_xticks(layers)
-    name = doc["provenance"].get("path") or doc["provenance"].get("architecture", "")
+    name = result["provenance"].get("path") or result["provenance"].get("architecture", "")
     ax.set_title(f"Decision-quality signal by layer — {Path(str(name)).name}")
     ax.legend(fontsize=8, loc="best")
     return save_figure(fig, path)

@@ -13,23 +13,40 @@ def table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 
-def observe_summary(doc: dict) -> str:
+def observe_summary(result: dict) -> str:
     """The protocol's result as a few short tables."""
-    prov, head, floor = doc["provenance"], doc["headline"], doc["floor"]
-    oc, controls = doc["output_controlled"], doc["controls"]
+    sections = [
+        _header(result),
+        _headline(result),
+        _controls(result),
+        _baselines(result),
+        _flagging(result),
+        _cross_domain(result),
+        _timings(result),
+    ]
+    return "\n".join(line for section in sections for line in section)
+
+
+def _header(result: dict) -> list[str]:
+    """Model, corpus and token counts, then the layer sweep."""
+    prov, tokens = result["provenance"], result["tokens"]
     model = prov.get("path") or prov.get("name_or_path") or prov.get("architecture", "model")
-    tokens = doc["tokens"]
-    lines = [
-        f"model   {model}  ({doc['model']['n_layers']} layers, d_model {doc['model']['d_model']})",
-        f"corpus  {doc['corpus']['name']}  tokens train/val/test "
+    dims = f"{result['model']['n_layers']} layers, d_model {result['model']['d_model']}"
+    return [
+        f"model   {model}  ({dims})",
+        f"corpus  {result['corpus']['name']}  tokens train/val/test "
         f"{tokens['train']['tokens']}/{tokens['validation']['tokens']}/{tokens['test']['tokens']}"
-        f"  ({doc['settings']['ex_per_dim']} ex/dim)",
+        f"  ({result['settings']['ex_per_dim']} ex/dim)",
         "",
         "layer sweep (validation, seed 42)",
+        _sweep_table(result),
     ]
-    multi = {r["layer"]: r for r in doc["multiseed"]}
+
+
+def _sweep_table(result: dict) -> str:
+    multi = {r["layer"]: r for r in result["multiseed"]}
     rows = []
-    for r in doc["sweep"]:
+    for r in result["sweep"]:
         m = multi.get(r["layer"])
         rows.append(
             [
@@ -38,21 +55,32 @@ def observe_summary(doc: dict) -> str:
                 _f(r["spearman"]),
                 f"{m['mean']:+.3f} ± {m['std']:.3f}" if m else "",
                 f"{m['seed_agreement']:.3f}" if m else "",
-                "◀ reported" if r["layer"] == doc["layer"] else "",
+                "◀ reported" if r["layer"] == result["layer"] else "",
             ]
         )
-    lines.append(table(rows, ["layer", "pcorr", "spearman", "7-seed pcorr", "agreement", ""]))
+    return table(rows, ["layer", "pcorr", "spearman", "7-seed pcorr", "agreement", ""])
+
+
+def _headline(result: dict) -> list[str]:
+    """The test pcorr at the reported layer, against the floor, and output-controlled."""
+    head, floor, oc = result["headline"], result["floor"], result["output_controlled"]
     lo, hi = head["ensemble_ci95"]
     olo, ohi = oc["ensemble_ci95"]
     verdict = "above" if lo > floor["value"] else "NOT above"
-    lines += [
+    return [
         "",
-        f"test pcorr at layer {doc['layer']}: {head['mean']:+.3f} ± {head['std']:.3f} over "
+        f"test pcorr at layer {result['layer']}: {head['mean']:+.3f} ± {head['std']:.3f} over "
         f"{len(head['seeds'])} seeds; ensemble {head['ensemble']:+.3f} "
         f"[95% CI {lo:+.3f}, {hi:+.3f}]",
         f"detection floor: {floor['value']:.3f}  → the signal is {verdict} the floor",
         f"output-controlled: {oc['ensemble']:+.3f} [{olo:+.3f}, {ohi:+.3f}] "
         f"(last-layer loss predictor R² {oc['predictor_r2_test']:.3f})",
+    ]
+
+
+def _controls(result: dict) -> list[str]:
+    controls = result["controls"]
+    lines = [
         "",
         "control sensitivity (test)",
         table(
@@ -64,11 +92,18 @@ def observe_summary(doc: dict) -> str:
         lines.append(
             f"a naive probe (no controls) overstates the signal by {controls['overstatement']:.0%}"
         )
-    base = doc["baselines"]
+    return lines
+
+
+def _baselines(result: dict) -> list[str]:
+    base = result["baselines"]
     rows = [[k, _f(v["pcorr"])] for k, v in base.items() if k != "random_head"]
     rh = base["random_head"]
     rows.append([f"random head (n={rh['n']})", f"{rh['mean']:+.3f} ± {rh['std']:.3f}"])
-    lines += ["", "baselines (test, standard controls)", table(rows, ["statistic", "pcorr"])]
+    return ["", "baselines (test, standard controls)", table(rows, ["statistic", "pcorr"])]
+
+
+def _flagging(result: dict) -> list[str]:
     rows = [
         [
             f"{f['rate']:.0%}",
@@ -77,23 +112,27 @@ def observe_summary(doc: dict) -> str:
             str(f["probe_exclusive"]),
             str(f["confidence_exclusive"]),
         ]
-        for f in doc["flagging"]
+        for f in result["flagging"]
     ]
-    lines += [
+    return [
         "",
         "flagging high-loss tokens (test)",
         table(rows, ["rate", "probe prec", "conf prec", "probe-only", "conf-only"]),
     ]
-    cross = doc.get("cross_domain")
-    if cross:
-        lines += [
-            "",
-            f"cross-domain ({cross['domain_b']}, test): A→A {_f(cross['a_to_a'])}  "
-            f"A→B {_f(cross['a_to_b'])}  B→B {_f(cross['b_to_b'])}",
-        ]
-    total = sum(doc["timings_s"].values())
-    lines += [
+
+
+def _cross_domain(result: dict) -> list[str]:
+    cross = result.get("cross_domain")
+    if not cross:
+        return []
+    return [
         "",
-        f"{total:.1f}s in all; " + ", ".join(f"{k} {v:.1f}s" for k, v in doc["timings_s"].items()),
+        f"cross-domain ({cross['domain_b']}, test): A→A {_f(cross['a_to_a'])}  "
+        f"A→B {_f(cross['a_to_b'])}  B→B {_f(cross['b_to_b'])}",
     ]
-    return "\n".join(lines)
+
+
+def _timings(result: dict) -> list[str]:
+    timings = result["timings_s"]
+    total = sum(timings.values())
+    return ["", f"{total:.1f}s in all; " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items())]
