@@ -19,22 +19,21 @@ import torch
 
 from nnobs.core.errors import NnobsError
 from nnobs.models.adapter import Edit, ModelAdapter
+from nnobs.models.sites import SITE_KINDS, site_kind
 
 SCHEMA = "nnobs.interventions"
 SCHEMA_VERSION = 1
 
-# Sites with an axis of heads or neurons, and where that axis is: kind -> (pos axis, unit axis).
-# Every other site is (batch, pos, width) with the position on axis 1.
-_UNIT_AXES = {"head_out": (1, 2), "attn_pattern": (2, 1), "mlp_hidden": (1, 2)}
 
-
-def site_kind(site: str) -> str:
-    """``"blocks.3.mlp_out"`` -> ``"mlp_out"``; ``"embed"`` -> ``"embed"``."""
-    return site.rsplit(".", 1)[-1]
+def _axes(site: str) -> tuple[int, int | None]:
+    """(position axis, axis of heads or neurons) of ``site``; a name that is no site kind gets
+    (1, None) and is refused when the adapter resolves it."""
+    kind = SITE_KINDS.get(site_kind(site))
+    return (1, None) if kind is None else (kind.position_axis, kind.unit_axis)
 
 
 def position_axis(site: str) -> int:
-    return _UNIT_AXES.get(site_kind(site), (1, None))[0]
+    return _axes(site)[0]
 
 
 # Site shapes per model, learnt from one tiny forward pass (a model's shapes never change).
@@ -113,7 +112,7 @@ def make_target(
         raise NnobsError(f"heads apply to head_out and attn_pattern sites, not {site!r}")
     if neurons is not None and kind != "mlp_hidden":
         raise NnobsError(f"neurons apply to mlp_hidden sites, not {site!r}")
-    unit_axis = _UNIT_AXES.get(kind, (1, None))[1]
+    unit_axis = _axes(site)[1]
     size = shape[unit_axis] if unit_axis is not None else None
     unit = None
     if direction is not None:
@@ -144,7 +143,7 @@ def _mask(target: Target, shape: torch.Size, device: torch.device) -> torch.Tens
     """Boolean mask broadcastable to ``shape`` selecting the target, or None for everything.
 
     With a direction the last axis is left out (size 1): the edit acts along it."""
-    pos_axis, unit_axis = _UNIT_AXES.get(site_kind(target.site), (1, None))
+    pos_axis, unit_axis = _axes(target.site)
     dims = [1] * len(shape)
     mask = None
     if target.positions is not None:

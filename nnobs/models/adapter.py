@@ -1,7 +1,7 @@
 """One interface over every model nnobs can load: named hook sites, capture and edits.
 
-An adapter maps each site name (``embed``, ``blocks.{l}.resid_post``, ``final``, … — see
-:mod:`nnobs.models.transformer`) to a place in the underlying ``nn.Module`` where PyTorch
+An adapter maps each site name (``embed``, ``blocks.{l}.resid_post``, ``final``, … — the kinds
+are listed in :mod:`nnobs.models.sites`) to a place in the underlying ``nn.Module`` where PyTorch
 hooks can read or replace the activation. nnobs models expose
 :class:`~nnobs.models.transformer.HookPoint` modules; Hugging Face models are mapped onto the
 same names by :mod:`nnobs.models.hf`. Every method in
@@ -23,19 +23,9 @@ from torch import nn
 
 from nnobs.core.errors import NnobsError
 from nnobs.core.version import __version__
+from nnobs.models.sites import LAYER_SITE_KINDS
 
 Edit = Callable[[torch.Tensor], torch.Tensor]
-
-SITE_KINDS = (
-    "resid_pre",
-    "attn_pattern",
-    "head_out",
-    "attn_out",
-    "resid_mid",
-    "mlp_hidden",
-    "mlp_out",
-    "resid_post",
-)
 
 
 @dataclass(frozen=True)
@@ -103,8 +93,10 @@ class ModelAdapter:
 
     def site_name(self, layer: int, kind: str = "resid_post") -> str:
         """The name of a per-layer site; negative layers count from the end."""
-        if kind not in SITE_KINDS:
-            raise NnobsError(f"unknown site kind {kind!r}: choose one of {', '.join(SITE_KINDS)}")
+        if kind not in LAYER_SITE_KINDS:
+            raise NnobsError(
+                f"unknown site kind {kind!r}: choose one of {', '.join(LAYER_SITE_KINDS)}"
+            )
         if not -self.n_layers <= layer < self.n_layers:
             raise NnobsError(
                 f"layer {layer} is out of range: the model has layers 0..{self.n_layers - 1}"
@@ -116,7 +108,7 @@ class ModelAdapter:
         if site in self.sites:
             return self.sites[site]
         match = re.fullmatch(r"blocks\.(-?\d+)\.(\w+)", site)
-        if match and match.group(2) in SITE_KINDS:
+        if match and match.group(2) in LAYER_SITE_KINDS:
             layer = int(match.group(1))
             if not 0 <= layer < self.n_layers:
                 raise NnobsError(
@@ -129,7 +121,7 @@ class ModelAdapter:
             )
         raise NnobsError(
             f"unknown hook site {site!r}: sites are embed, final and blocks.<layer>.<kind> with "
-            f"kind one of {', '.join(SITE_KINDS)}"
+            f"kind one of {', '.join(LAYER_SITE_KINDS)}"
         )
 
     @contextmanager

@@ -35,6 +35,7 @@ from tqdm import tqdm
 from nnobs.core.errors import NnobsError
 from nnobs.core.files import atomic_path, read_json, write_json
 from nnobs.models.adapter import ModelAdapter
+from nnobs.models.sites import SITE_KINDS, site_kind
 
 FORMAT = "nnobs.capture"
 FORMAT_VERSION = 1
@@ -318,10 +319,11 @@ def capture(
     sites = list(dict.fromkeys(sites))
     for site in sites:
         adapter.resolve(site)
-        if site.endswith(".attn_pattern"):
+        kind = SITE_KINDS[site_kind(site)]
+        if not kind.per_token:
             raise NnobsError(
-                f"{site} is (heads × pos × pos) per sequence, not a per-token activation; "
-                "read it with adapter.run_with_cache"
+                f"{site} is ({' × '.join(kind.axes[1:])}) per sequence, not a per-token "
+                "activation; read it with adapter.run_with_cache"
             )
     dtype = np.dtype(dtype)
     if dtype not in (np.float16, np.float32):
