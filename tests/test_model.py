@@ -6,6 +6,7 @@ import torch
 from nnobs.core.errors import NnobsError
 from nnobs.models.adapter import nnobs_adapter
 from nnobs.models.config import ModelConfig
+from nnobs.models.init import init_weights
 from nnobs.models.sizing import count_params, match_params
 from nnobs.models.transformer import Transformer
 
@@ -188,3 +189,36 @@ def test_intermediate_supervision_adds_an_auxiliary_loss():
     torch.testing.assert_close(loss, parts["lm_loss"] + 0.5 * parts["aux_loss"])
     plain, parts = build().train().training_loss(ids[:, :-1], ids[:, 1:])
     assert set(parts) == {"lm_loss"}
+
+
+def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def test_init_weights_draws_from_its_generator_alone():
+    model = Transformer(ModelConfig(**SMALL, bias=True))
+    drawn = []
+    for seed in (3, 3, 4):
+        init_weights(model, torch.Generator().manual_seed(seed))
+        drawn.append(weights(model))
+    first, same, other = drawn
+    assert all(torch.equal(first[name], same[name]) for name in first)
+    assert not torch.equal(
+        first["blocks.0.attn.q_proj.weight"], other["blocks.0.attn.q_proj.weight"]
+    )
+    assert torch.equal(first["blocks.0.attn.q_proj.bias"], torch.zeros(32))  # biases start at 0
+    std = {
+        name: float(first[name].std()) for name in ("tok_emb.weight", "blocks.2.mlp.down.weight")
+    }
+    assert std["tok_emb.weight"] == pytest.approx(0.02, rel=0.05)
+    assert std["blocks.2.mlp.down.weight"] == pytest.approx(0.02 / 6**0.5, rel=0.05)  # by depth
+
+
+def test_a_seeded_generator_builds_what_global_seeding_built():
+    config = ModelConfig(**SMALL)
+    torch.manual_seed(7)
+    expected = weights(Transformer(config))
+    state = torch.get_rng_state()
+    model = Transformer(config, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(torch.get_rng_state(), state)  # the global generator is left alone
+    assert all(torch.equal(p, expected[name]) for name, p in weights(model).items())

@@ -14,18 +14,19 @@ def random_init_like(adapter: ModelAdapter, seed: int = 0) -> ModelAdapter:
     """The same architecture with freshly initialised weights: the detection floor's null model."""
     from nnobs.models.transformer import Transformer
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        if isinstance(adapter.model, Transformer):
-            model = Transformer(adapter.model.config)
-            wrap = nnobs_adapter
-        else:
-            from transformers import AutoModelForCausalLM
+    if isinstance(adapter.model, Transformer):
+        model = Transformer(adapter.model.config, generator=torch.Generator().manual_seed(seed))
+        wrap = nnobs_adapter
+    else:
+        from transformers import AutoModelForCausalLM
 
-            from nnobs.models.hf import hf_adapter
+        from nnobs.models.hf import hf_adapter
 
+        # transformers initialises from torch's global generator: seed a fork of it.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(adapter.model.config)
-            wrap = hf_adapter
+        wrap = hf_adapter
     dtype = next(adapter.model.parameters()).dtype
     model = model.to(device=adapter.device, dtype=dtype).eval()
     provenance = {**adapter.provenance, "random_init": True, "random_init_seed": seed}

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nnobs.models.config import ModelConfig
+from nnobs.models.init import init_weights, layer_defaults_from
 
 
 class HookPoint(nn.Module):
@@ -147,19 +148,27 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    """The model: embedding, blocks, final norm and unembedding (nanoGPT's shape).
+
+    Weights are initialised by :func:`~nnobs.models.init.init_weights` from ``generator``, or
+    from torch's global generator when it is None; a generator seeded with ``s`` gives the
+    same weights as ``torch.manual_seed(s)`` followed by ``Transformer(config)``.
+    """
+
+    def __init__(self, config: ModelConfig, generator: torch.Generator | None = None) -> None:
         super().__init__()
         self.config = config
-        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
-        self.pos_emb = (
-            nn.Embedding(config.max_seq_len, config.d_model)
-            if config.positions == "learned"
-            else None
-        )
-        self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.n_layers))
-        # Post-norm blocks already end in a norm; a final norm only makes sense for pre-norm.
-        self.final_norm = make_norm(config) if config.norm_placement == "pre" else nn.Identity()
-        self.unembed = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        with layer_defaults_from(generator):
+            self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+            self.pos_emb = (
+                nn.Embedding(config.max_seq_len, config.d_model)
+                if config.positions == "learned"
+                else None
+            )
+            self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.n_layers))
+            # Post-norm blocks already end in a norm; a final norm only makes sense for pre-norm.
+            self.final_norm = make_norm(config) if config.norm_placement == "pre" else nn.Identity()
+            self.unembed = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.unembed.weight = self.tok_emb.weight
         self.hook_embed = HookPoint()
@@ -168,19 +177,7 @@ class Transformer(nn.Module):
             cos, sin = rope_tables(config)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """GPT-2 initialisation: N(0, 0.02), output projections scaled by depth."""
-        out_std = 0.02 / math.sqrt(2 * self.config.n_layers)
-        for name, p in self.named_parameters():
-            if p.dim() < 2:
-                continue
-            std = out_std if name.endswith(("o_proj.weight", "down.weight")) else 0.02
-            nn.init.normal_(p, 0.0, std)
-        for module in self.modules():
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                nn.init.zeros_(module.bias)
+        init_weights(self, generator)
 
     def hook_points(self) -> dict[str, HookPoint]:
         """Every named site of the model, in forward order."""

@@ -144,8 +144,8 @@ def _build(
     from nnobs.models.transformer import Transformer
 
     data = training_data(start.streams, tc, device)
-    torch.manual_seed(tc.seed)  # initialise on the CPU: the same weights on every device
-    model = Transformer(mc)
+    # Initialised on the CPU from the run's seed: the same weights on every device.
+    model = Transformer(mc, generator=torch.Generator().manual_seed(tc.seed))
     model.to(device)
     meta_base = {
         "tokenizer": start.run.get("tokenizer"),
