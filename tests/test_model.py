@@ -5,10 +5,10 @@ import torch
 
 from nnobs.core.errors import NnobsError
 from nnobs.models.adapter import nnobs_adapter
-from nnobs.models.config import ModelConfig
+from nnobs.models.config import CHOICES, ModelConfig
 from nnobs.models.init import init_weights
 from nnobs.models.sizing import count_params, match_params
-from nnobs.models.transformer import Transformer
+from nnobs.models.transformer import RESIDUAL_PATHS, AddResidual, Transformer
 
 SMALL = dict(vocab_size=50, d_model=32, n_layers=3, n_heads=4, max_seq_len=12)
 
@@ -191,6 +191,16 @@ def test_intermediate_supervision_adds_an_auxiliary_loss():
     assert set(parts) == {"lm_loss"}
 
 
+def test_aux_loss_reads_out_the_stream_after_its_layer():
+    model = build(aux_layer=1, aux_weight=0.5)
+    ids = tokens()
+    with nnobs_adapter(model).hooks(["blocks.1.resid_post"]) as cache:
+        _, parts = model.training_loss(ids[:, :-1], ids[:, 1:])
+    logits = model.unembed(model.final_norm(cache["blocks.1.resid_post"]))
+    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+    torch.testing.assert_close(parts["aux_loss"], expected)
+
+
 def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 
@@ -222,3 +232,37 @@ def test_a_seeded_generator_builds_what_global_seeding_built():
     model = Transformer(config, generator=torch.Generator().manual_seed(7))
     assert torch.equal(torch.get_rng_state(), state)  # the global generator is left alone
     assert all(torch.equal(p, expected[name]) for name, p in weights(model).items())
+
+
+def test_residual_strategies_add_or_replace():
+    assert set(RESIDUAL_PATHS) == set(CHOICES["residual"])
+    stream, out = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    assert torch.equal(RESIDUAL_PATHS["add"]().write(stream, out), stream + out)
+    assert torch.equal(RESIDUAL_PATHS["none"]().write(stream, out), out)
+    for residual in RESIDUAL_PATHS.values():
+        assert residual().read(stream, None) is stream
+
+
+def test_a_strategy_that_asks_for_sources_is_handed_every_earlier_output():
+    model = build()
+    adapter = nnobs_adapter(model)
+    sublayers = [f"blocks.{layer}.{kind}" for layer in range(3) for kind in ("attn_out", "mlp_out")]
+    with torch.no_grad(), adapter.hooks(["embed", *sublayers]) as cache:
+        plain = model(tokens())
+    seen: list[list[torch.Tensor]] = []
+
+    class Recording(AddResidual):
+        uses_sources = True
+
+        def read(self, stream, sources):
+            seen.append(list(sources))
+            return stream
+
+    for block in model.blocks:
+        block.residual = Recording()
+    with torch.no_grad():
+        assert torch.equal(model(tokens()), plain)
+    assert [len(sources) for sources in seen] == [1, 2, 3, 4, 5, 6]
+    names = ["embed", *sublayers]  # every source but the last MLP's output, in order
+    for name, source in zip(names[:-1], seen[-1], strict=True):
+        assert torch.equal(source, cache[name]), name

@@ -1,23 +1,20 @@
 """A decoder-only transformer whose architecture is the knobs of :class:`ModelConfig`.
 
 Every activation nnobs measures passes through a :class:`HookPoint`, an identity module
-placed at a named site (see :meth:`Transformer.hook_points`). Capture and intervention
-attach ordinary PyTorch forward hooks to those modules, so the model itself never knows
-it is being observed and an unhooked forward pass costs nothing extra.
+placed at a named site (the kinds are listed in :mod:`nnobs.models.sites`; see
+:meth:`Transformer.hook_points`). Capture and intervention attach ordinary PyTorch forward
+hooks to those modules, so the model itself never knows it is being observed and an unhooked
+forward pass costs nothing extra.
 
-Site meanings (the same names the Hugging Face adapter gives):
-``embed`` token+position embedding; ``blocks.{l}.resid_pre`` input to block l;
-``attn_out`` / ``mlp_out`` what attention / the MLP add; ``resid_mid`` the stream between
-them; ``resid_post`` the output of block l; ``mlp_hidden`` the MLP neurons after the
-activation; ``attn_pattern`` attention weights (batch, heads, query, key); ``head_out``
-per-head outputs before the output projection (batch, pos, heads, d_head); ``final`` the
-stream after the final norm. With ``residual="none"`` or post-norm there is no plain
-running sum; ``resid_pre``/``resid_post`` are then simply the block's input and output.
+The residual path is a strategy, :class:`ResidualPath`, chosen by ``config.residual``. With
+``residual="none"`` or post-norm there is no plain running sum; ``resid_pre``/``resid_post``
+are then simply the block's input and output.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +22,7 @@ from torch import nn
 
 from nnobs.models.config import ModelConfig
 from nnobs.models.init import init_weights, layer_defaults_from
+from nnobs.models.sites import LAYER_SITE_KINDS
 
 
 class HookPoint(nn.Module):
@@ -35,6 +33,8 @@ class HookPoint(nn.Module):
 
 
 class RMSNorm(nn.Module):
+    """Root-mean-square normalisation with a learned gain (no centring, no bias)."""
+
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
         self.eps = eps
@@ -45,6 +45,7 @@ class RMSNorm(nn.Module):
 
 
 def make_norm(config: ModelConfig) -> nn.Module:
+    """The norm ``config.norm`` names (an identity for ``"none"``)."""
     if config.norm == "layernorm":
         return nn.LayerNorm(config.d_model, bias=config.bias)
     if config.norm == "rmsnorm":
@@ -53,6 +54,7 @@ def make_norm(config: ModelConfig) -> nn.Module:
 
 
 def rope_tables(config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosines and sines of the rotary angles, (max_seq_len, head_dim / 2) each."""
     half = config.head_dim // 2
     inv_freq = config.rope_base ** (-torch.arange(half, dtype=torch.float32) / half)
     angles = torch.outer(torch.arange(config.max_seq_len, dtype=torch.float32), inv_freq)
@@ -68,6 +70,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
+    """Causal self-attention, grouped-query when there are fewer key/value heads."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.n_heads, self.n_kv, self.d_head = config.n_heads, config.kv_heads, config.head_dim
@@ -104,6 +108,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """The feed-forward sublayer: up-projection, activation (gated for SwiGLU), down-projection."""
+
     def __init__(self, config: ModelConfig, width: int) -> None:
         super().__init__()
         self.gated = config.activation == "swiglu"
@@ -118,11 +124,51 @@ class MLP(nn.Module):
         return self.down(self.hook_hidden(hidden))
 
 
+class ResidualPath(nn.Module):
+    """How a sublayer's input is formed from the stream and how its output joins it.
+
+    ``config.residual`` picks one from :data:`RESIDUAL_PATHS`. When a strategy sets
+    ``uses_sources``, the block loop hands :meth:`read` every tensor written so far (the
+    embedding, then each sublayer's output in order): a routed residual such as ``attnres``,
+    whose sublayers read a learned mix of all earlier outputs, is one more subclass that
+    overrides :meth:`read` (its parameters live on the strategy, one per block).
+    """
+
+    uses_sources = False
+
+    def read(self, stream: torch.Tensor, sources: list[torch.Tensor] | None) -> torch.Tensor:
+        """The next sublayer's input (before its norm)."""
+        return stream
+
+    def write(self, stream: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The stream once a sublayer's output ``out`` has joined it."""
+        raise NotImplementedError
+
+
+class AddResidual(ResidualPath):
+    """The standard residual stream: each sublayer adds its output to a running sum."""
+
+    def write(self, stream: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return stream + out
+
+
+class NoResidual(ResidualPath):
+    """No skip connection: each sublayer's output replaces the stream."""
+
+    def write(self, stream: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return out
+
+
+RESIDUAL_PATHS: dict[str, type[ResidualPath]] = {"add": AddResidual, "none": NoResidual}
+
+
 class Block(nn.Module):
+    """Attention then MLP, each a sublayer joined to the stream by the residual strategy."""
+
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
         self.pre = config.norm_placement == "pre"
-        self.residual = config.residual == "add"
+        self.residual = RESIDUAL_PATHS[config.residual]()
         self.norm1, self.norm2 = make_norm(config), make_norm(config)
         self.attn = Attention(config)
         self.mlp = MLP(config, config.mlp_widths[layer])
@@ -132,19 +178,46 @@ class Block(nn.Module):
         self.hook_mlp_out = HookPoint()
         self.hook_resid_post = HookPoint()
 
-    def _sublayer(self, x: torch.Tensor, norm: nn.Module, fn, hook: HookPoint) -> torch.Tensor:
-        out = hook(fn(norm(x) if self.pre else x))
-        x = x + out if self.residual else out
+    def hook_points(self) -> dict[str, HookPoint]:
+        """This block's sites by kind."""
+        return {
+            "resid_pre": self.hook_resid_pre,
+            "attn_pattern": self.attn.hook_pattern,
+            "head_out": self.attn.hook_head_out,
+            "attn_out": self.hook_attn_out,
+            "resid_mid": self.hook_resid_mid,
+            "mlp_hidden": self.mlp.hook_hidden,
+            "mlp_out": self.hook_mlp_out,
+            "resid_post": self.hook_resid_post,
+        }
+
+    def _sublayer(
+        self,
+        x: torch.Tensor,
+        norm: nn.Module,
+        fn: Callable[[torch.Tensor], torch.Tensor],
+        hook: HookPoint,
+        sources: list[torch.Tensor] | None,
+    ) -> torch.Tensor:
+        h = self.residual.read(x, sources)
+        out = hook(fn(norm(h) if self.pre else h))
+        if sources is not None:
+            sources.append(out)
+        x = self.residual.write(x, out)
         return x if self.pre else norm(x)
 
     def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        sources: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        """The stream after this block; ``sources`` (if kept) gains its two sublayer outputs."""
         x = self.hook_resid_pre(x)
-        x = self.hook_resid_mid(
-            self._sublayer(x, self.norm1, lambda h: self.attn(h, rope), self.hook_attn_out)
-        )
-        return self.hook_resid_post(self._sublayer(x, self.norm2, self.mlp, self.hook_mlp_out))
+        x = self._sublayer(x, self.norm1, lambda h: self.attn(h, rope), self.hook_attn_out, sources)
+        x = self.hook_resid_mid(x)
+        x = self._sublayer(x, self.norm2, self.mlp, self.hook_mlp_out, sources)
+        return self.hook_resid_post(x)
 
 
 class Transformer(nn.Module):
@@ -183,15 +256,8 @@ class Transformer(nn.Module):
         """Every named site of the model, in forward order."""
         sites: dict[str, HookPoint] = {"embed": self.hook_embed}
         for layer, block in enumerate(self.blocks):
-            prefix = f"blocks.{layer}."
-            sites[prefix + "resid_pre"] = block.hook_resid_pre
-            sites[prefix + "attn_pattern"] = block.attn.hook_pattern
-            sites[prefix + "head_out"] = block.attn.hook_head_out
-            sites[prefix + "attn_out"] = block.hook_attn_out
-            sites[prefix + "resid_mid"] = block.hook_resid_mid
-            sites[prefix + "mlp_hidden"] = block.mlp.hook_hidden
-            sites[prefix + "mlp_out"] = block.hook_mlp_out
-            sites[prefix + "resid_post"] = block.hook_resid_post
+            points = block.hook_points()
+            sites.update((f"blocks.{layer}.{kind}", points[kind]) for kind in LAYER_SITE_KINDS)
         sites["final"] = self.hook_final
         return sites
 
@@ -199,6 +265,7 @@ class Transformer(nn.Module):
         return (self.rope_cos, self.rope_sin) if self.pos_emb is None else None
 
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token ids (batch, pos) → the embedded stream (tokens plus learned positions)."""
         t = idx.shape[1]
         if t > self.config.max_seq_len:
             raise ValueError(
@@ -213,12 +280,26 @@ class Transformer(nn.Module):
         """Final norm and unembedding: stream → logits."""
         return self.unembed(self.hook_final(self.final_norm(x)))
 
+    def _run_blocks(
+        self, idx: torch.Tensor, readout_layer: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The one block loop: the stream after the last block, and the logits read out after
+        block ``readout_layer`` (final norm and unembedding, not through the ``final`` site;
+        None when not asked for)."""
+        x = self.embed(idx)
+        sources = [x] if any(block.residual.uses_sources for block in self.blocks) else None
+        early_logits = None
+        for layer, block in enumerate(self.blocks):
+            x = block(x, self._rope(), sources)
+            if layer == readout_layer:
+                # Read out here, not after the loop: the order the graph is built in sets the
+                # order backward sums gradients in, and so the last bits of trained weights.
+                early_logits = self.unembed(self.final_norm(x))
+        return x, early_logits
+
     def stream(self, idx: torch.Tensor) -> torch.Tensor:
         """Token ids (batch, pos) → the residual stream after the last block."""
-        x = self.embed(idx)
-        for block in self.blocks:
-            x = block(x, self._rope())
-        return x
+        return self._run_blocks(idx)[0]
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Token ids (batch, pos) → next-token logits (batch, pos, vocab)."""
@@ -232,12 +313,7 @@ class Transformer(nn.Module):
         Returns the loss to optimise and its parts (``lm_loss`` always, ``aux_loss`` if used).
         """
         cfg = self.config
-        x = self.embed(idx)
-        aux_logits = None
-        for layer, block in enumerate(self.blocks):
-            x = block(x, self._rope())
-            if cfg.aux_weight > 0 and layer == cfg.aux_layer:
-                aux_logits = self.unembed(self.final_norm(x))
+        x, aux_logits = self._run_blocks(idx, cfg.aux_layer if cfg.aux_weight > 0 else None)
         logits = self.readout(x)
         lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         parts = {"lm_loss": lm_loss}
