@@ -266,3 +266,15 @@ def test_a_strategy_that_asks_for_sources_is_handed_every_earlier_output():
     names = ["embed", *sublayers]  # every source but the last MLP's output, in order
     for name, source in zip(names[:-1], seen[-1], strict=True):
         assert torch.equal(source, cache[name]), name
+
+
+def test_config_hash_is_stable_and_a_legacy_empty_extra_is_dropped():
+    # Hashes earlier versions wrote (the default and the tiny preset's model) still match.
+    assert ModelConfig().hash == "efc5462c2bcd"
+    tiny = ModelConfig(vocab_size=257, d_model=64, n_layers=2, n_heads=4, max_seq_len=64)
+    assert tiny.hash == "997105463a8a"
+    legacy = {**ModelConfig(**SMALL).to_dict(), "extra": {}}
+    assert ModelConfig.from_dict(legacy) == ModelConfig(**SMALL)
+    assert "extra" not in ModelConfig().to_dict()
+    with pytest.raises(NnobsError, match="unknown model knob"):
+        ModelConfig.from_dict({**legacy, "extra": {"width": 3}})

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from nnobs.core.errors import NnobsError
@@ -50,7 +50,6 @@ class ModelConfig:
     rope_base: float = 10000.0
     aux_layer: int | None = None
     aux_weight: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for knob, allowed in CHOICES.items():
@@ -88,14 +87,17 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
+        """Channels per attention head."""
         return self.d_model // self.n_heads
 
     @property
     def kv_heads(self) -> int:
+        """Key/value heads (``n_heads`` unless grouped-query attention shares them)."""
         return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
 
     @property
     def mlp_widths(self) -> list[int]:
+        """The MLP width of each layer."""
         if self.d_mlp is None:
             return [4 * self.d_model] * self.n_layers
         if isinstance(self.d_mlp, int):
@@ -103,10 +105,19 @@ class ModelConfig:
         return list(self.d_mlp)
 
     def to_dict(self) -> dict[str, Any]:
+        """The knobs as a JSON-able dict (what run.json and checkpoints store)."""
         return dataclasses.asdict(self)
+
+    @staticmethod
+    def upgrade_dict(data: dict[str, Any]) -> dict[str, Any]:
+        """A stored config dict as this version writes it: older versions also wrote an
+        always-empty ``extra``, which is dropped (a non-empty one is left to be refused)."""
+        return {k: v for k, v in data.items() if not (k == "extra" and v == {})}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """The config a stored dict describes; an unknown knob is refused with the known ones."""
+        data = cls.upgrade_dict(data)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -117,10 +128,13 @@ class ModelConfig:
         return cls(**data)
 
     def replace(self, **changes: Any) -> ModelConfig:
+        """A copy with some knobs changed (and validated)."""
         return ModelConfig.from_dict({**self.to_dict(), **changes})
 
     @property
     def hash(self) -> str:
         """Short content hash: two configs with the same hash build the same architecture."""
-        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        # The hash's input keeps the retired empty ``extra``: stable hashes let existing runs
+        # resume and keep cached results valid.
+        blob = json.dumps({**self.to_dict(), "extra": {}}, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]

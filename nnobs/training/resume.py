@@ -154,8 +154,9 @@ def check_out_dir(
     run = run_dir.read_run()
     if run.get("format") != RUN_FORMAT:
         raise NnobsError(f"{str(run_dir.run_file)!r} is not an nnobs run description")
+    stored_model = ModelConfig.upgrade_dict(run.get("model_config", {}))  # runs of older versions
     for what, stored, requested, skip in (
-        ("model config", run.get("model_config", {}), mc.to_dict(), frozenset()),
+        ("model config", stored_model, mc.to_dict(), frozenset()),
         ("train config", run.get("train_config", {}), tc.to_dict(), RESUMABLE_CHANGES),
     ):
         diff = _config_diff(stored, requested, skip)
