@@ -46,6 +46,7 @@ class Site:
 
 
 def first_tensor(value: Any) -> torch.Tensor:
+    """A module's output tensor, or the first element of a tuple or list of outputs."""
     return value[0] if isinstance(value, tuple | list) else value
 
 
@@ -81,6 +82,7 @@ class ModelAdapter:
 
     @property
     def device(self) -> torch.device:
+        """Where the model's (first) parameters live."""
         return next(self.model.parameters()).device
 
     def forward(
@@ -195,7 +197,9 @@ class ModelAdapter:
         return logits, cache
 
 
-def nnobs_adapter(model: nn.Module, tokenizer: Any = None, provenance: dict | None = None):
+def nnobs_adapter(
+    model: nn.Module, tokenizer: Any = None, provenance: dict | None = None
+) -> ModelAdapter:
     """Adapter for an nnobs :class:`~nnobs.models.transformer.Transformer` (sites: HookPoints)."""
     from nnobs.models.transformer import Transformer
 
@@ -223,6 +227,7 @@ def nnobs_adapter(model: nn.Module, tokenizer: Any = None, provenance: dict | No
 
 
 def provenance(adapter: ModelAdapter) -> dict:
+    """The model's provenance plus the software, device, host and time of this computation."""
     return {
         **adapter.provenance,
         "nnobs_version": __version__,

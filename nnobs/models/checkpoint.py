@@ -18,6 +18,9 @@ from nnobs.models.config import ModelConfig
 
 @dataclass
 class LoadedCheckpoint:
+    """A checkpoint read back: the model (in eval mode, on the CPU), its config, tokenizer
+    and metadata, and where it was read from."""
+
     model: nn.Module
     config: ModelConfig
     tokenizer: Any
@@ -26,6 +29,7 @@ class LoadedCheckpoint:
 
     @property
     def step(self) -> int:
+        """The training step the checkpoint was saved at."""
         return int(self.meta["step"])
 
     def provenance(self) -> dict[str, Any]:
@@ -51,6 +55,7 @@ def checkpoint_provenance(
 
 
 def load_safetensors(path: Path, what: str) -> dict[str, torch.Tensor]:
+    """The tensors in a safetensors file; missing or damaged → NnobsError naming ``what``."""
     try:
         return safetensors.torch.load_file(str(path))
     except FileNotFoundError as e:
