@@ -113,7 +113,7 @@ def test_hugging_face_trainer_callback(python_corpus, tmp_path):
 
     from nnobs.data.encoding import token_stream
     from nnobs.data.tokenizer import byte_tokenizer
-    from nnobs.observe.live import HFObservabilityCallback
+    from nnobs.observe.live_hf import HFObservabilityCallback
 
     transformers.logging.set_verbosity_error()
     tokenizer = byte_tokenizer()

@@ -1,8 +1,8 @@
 """Live observability: the trajectory's tracked subset measured while a model trains.
 
 :class:`ObservabilityCallback` plugs into nnobs's trainer (``train(..., on_checkpoint=cb)``,
-or ``nnobs train --observe``); :class:`HFObservabilityCallback` into a Hugging Face
-``Trainer``. Both measure at checkpoint steps and rewrite ``trajectory.json`` (schema
+or ``nnobs train --observe``); :class:`~nnobs.observe.live_hf.HFObservabilityCallback` into a
+Hugging Face ``Trainer``. Both measure at checkpoint steps and rewrite ``trajectory.json`` (schema
 ``nnobs.trajectory``, ``mode: live``) after every checkpoint, so a run stopped at any point
 leaves a valid result.
 
@@ -153,7 +153,7 @@ class LiveObserver:
         self.observer.close()
 
 
-class _Measuring:
+class Measuring:
     """Eval mode and untouched RNG streams while measuring; the training state comes back."""
 
     def __init__(self, model: nn.Module) -> None:
@@ -229,7 +229,7 @@ class ObservabilityCallback:
         provenance = checkpoint_provenance(path, meta, model.config.hash)
         adapter = nnobs_adapter(model, self._tokenizer, provenance)
         train_seconds = max(float(meta.get("elapsed_s") or 0.0) - self.live.spent, 1e-9)
-        with _Measuring(model):
+        with Measuring(model):
             self.live.checkpoint(
                 adapter,
                 step,
@@ -246,118 +246,3 @@ class ObservabilityCallback:
         if self.live is not None:
             self.live.close()
             self.live = None
-
-
-def _hf_callback_class() -> type:
-    """Built on first use, so nnobs's own trainer never imports transformers."""
-    from transformers import TrainerCallback
-
-    class HFObservabilityCallback(TrainerCallback):
-        """Live observability for a Hugging Face ``Trainer``: ``callbacks=[HFObservabilityCallback(
-        corpus, tokenizer, out_dir)]``.
-
-        Measures at step 0 (``on_train_begin``) and at every save (``on_save``), or, with
-        ``steps``, at those global steps (``on_step_end``), within the same time budget as
-        :class:`ObservabilityCallback`. ``tokenizer`` is an nnobs tokenizer or a transformers
-        one. With ``trained_on_corpus`` (the default) the probes use only the corpus's validation
-        and test documents, as for a model trained on its training split.
-        """
-
-        def __init__(
-            self,
-            corpus: str | Corpus,
-            tokenizer: Any,
-            out_dir: str | Path,
-            *,
-            settings: TrajectorySettings | None = None,
-            budget: float = 0.10,
-            min_fraction: float = 0.25,
-            steps: list[int] | None = None,
-            trained_on_corpus: bool = True,
-            progress: bool = False,
-            log: Callable[[str], None] = lambda _msg: None,
-        ) -> None:
-            from nnobs.data.tokenizer import Tokenizer, from_hf
-
-            corpus = load_corpus(corpus) if isinstance(corpus, str) else corpus
-            self.tokenizer = tokenizer if isinstance(tokenizer, Tokenizer) else from_hf(tokenizer)
-            self.fingerprint = corpus.fingerprint if trained_on_corpus else None
-            self.steps = None if steps is None else set(steps)
-            self.out_dir = Path(out_dir)
-            self.live = LiveObserver(
-                self.out_dir / "trajectory.json",
-                corpus,
-                settings,
-                budget,
-                min_fraction,
-                progress,
-                log,
-            )
-            self._t0: float | None = None
-
-        def _observe(self, args, state, model) -> None:
-            from nnobs.models.hf import hf_adapter
-
-            step = int(state.global_step)
-            if model is None or step in self.live.observer.records:
-                return
-            if self._t0 is None:
-                self._t0 = time.perf_counter()
-            with _Measuring(model):
-                adapter = hf_adapter(
-                    model,
-                    self.tokenizer,
-                    {
-                        "path": str(args.output_dir),
-                        "step": step,
-                        "corpus_fingerprint": self.fingerprint,
-                    },
-                )
-                curve = _hf_loss_curve(state.log_history)
-                val = {r["step"]: r["val_loss"] for r in curve if r.get("val_loss") is not None}
-                meta = {"tokens_seen": None, "val_loss": val.get(step)}
-                elapsed = time.perf_counter() - self._t0 - self.live.spent
-                self.live.checkpoint(
-                    adapter, step, int(state.max_steps), max(elapsed, 1e-9), meta, curve
-                )
-
-        def on_train_begin(self, args, state, control, model=None, **kwargs):
-            self._t0 = time.perf_counter()
-            if state.global_step == 0:
-                self._observe(args, state, model)
-
-        def on_save(self, args, state, control, model=None, **kwargs):
-            if self.steps is None:
-                self._observe(args, state, model)
-
-        def on_step_end(self, args, state, control, model=None, **kwargs):
-            if self.steps is not None and state.global_step in self.steps:
-                self._observe(args, state, model)
-
-        def on_train_end(self, args, state, control, model=None, **kwargs):
-            self.live.close()
-
-    return HFObservabilityCallback
-
-
-def __getattr__(name: str) -> Any:
-    if name == "HFObservabilityCallback":
-        cls = _hf_callback_class()
-        globals()[name] = cls
-        return cls
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def _hf_loss_curve(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Training and evaluation loss per step from a Trainer's ``state.log_history``."""
-    by_step: dict[int, dict[str, Any]] = {}
-    for entry in log_history:
-        step = entry.get("step")
-        if step is None:
-            continue
-        row = by_step.setdefault(int(step), {"step": int(step), "loss": None, "val_loss": None})
-        if "loss" in entry:
-            row["loss"] = entry["loss"]
-        if "eval_loss" in entry:
-            row["val_loss"] = entry["eval_loss"]
-    return [by_step[k] for k in sorted(by_step)]
