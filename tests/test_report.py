@@ -15,7 +15,8 @@ import pytest
 from nnobs.cli import main
 from nnobs.core.errors import NnobsError
 from nnobs.core.results import validate
-from nnobs.observe.study import assemble, parse_study, variant_configs
+from nnobs.observe.study_config import parse_study, variant_configs
+from nnobs.observe.study_summary import assemble
 from nnobs.observe.trajectory import TrajectorySettings, observe_run
 from nnobs.report.html import render_report, variant_verdict_text
 
@@ -49,22 +50,22 @@ def study_dir(trajectory, python_corpus, tmp_path_factory):
     cfg = parse_study(tables)
     for variant in ("pre", "post"):
         for seed in (0, 1):
-            result = json.loads(json.dumps(trajectory))
+            doc = json.loads(json.dumps(trajectory))
             shift = 0.01 * seed
-            for r in result["checkpoints"]:
+            for r in doc["checkpoints"]:
                 r["best"]["ensemble"] += shift
             if variant == "post":
-                result["checkpoints"][-1]["best"]["ensemble"] = 0.0
-                result["collapse"].update(
+                doc["checkpoints"][-1]["best"]["ensemble"] = 0.0
+                doc["collapse"].update(
                     verdict="erased", layer=0, peak_step=8, collapse_step=24,
                     reason="peak 0.2 at step 8 fell to the floor by step 24",
                 )  # fmt: skip
             else:
-                result["collapse"].update(verdict="retained", reason="layer 0 keeps it")
-            validate(result)
+                doc["collapse"].update(verdict="retained", reason="layer 0 keeps it")
+            validate(doc)
             path = out / "runs" / variant / f"seed_{seed}" / "trajectory" / "trajectory.json"
             path.parent.mkdir(parents=True)
-            path.write_text(json.dumps(result))
+            path.write_text(json.dumps(doc))
     outcomes = {
         (v, s): {"status": "trained", "train_seconds": 1.0, "observe_seconds": 1.0}
         for v in ("pre", "post")

@@ -8,15 +8,14 @@ from scipy import stats as scipy_stats
 from nnobs.core.errors import NnobsError
 from nnobs.core.results import load_result
 from nnobs.models.sizing import count_params
-from nnobs.observe.study import (
+from nnobs.observe.study import run_study
+from nnobs.observe.study_config import (
     load_study_config,
     parse_study,
-    run_study,
     study_preset_names,
-    t_interval,
     variant_configs,
-    welch_interval,
 )
+from nnobs.observe.study_summary import t_interval, welch_interval
 
 FULL_PRESETS = {
     "residual", "norm", "bottleneck", "overparam", "activation", "depth_heads", "attention",

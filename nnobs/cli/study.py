@@ -23,7 +23,7 @@ finished runs are kept, interrupted ones continue from their last checkpoint."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from nnobs.observe.study import study_preset_names
+    from nnobs.observe.study_config import study_preset_names
 
     parser = subcommand(
         subparsers,
@@ -47,7 +47,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nnobs.observe.study import load_study_config, run_study
+    from nnobs.observe.study import run_study
+    from nnobs.observe.study_config import load_study_config
     from nnobs.report.html import variant_verdict_text
 
     cfg = load_study_config(args.preset, args.config)
@@ -57,13 +58,13 @@ def run(args: argparse.Namespace) -> int:
         if args.no_progress
         else (lambda msg: print(f"· {msg}", file=sys.stderr))
     )
-    result = run_study(cfg, out, jobs=args.jobs, log=log)
-    if result.get("question"):
-        print(result["question"])
-    for v in result["variants"]:
+    doc = run_study(cfg, out, jobs=args.jobs, log=log)
+    if doc.get("question"):
+        print(doc["question"])
+    for v in doc["variants"]:
         print(f"  {v['name']:<16} {v['verdict']:<14} {variant_verdict_text(v)}")
     print(
-        f"\nwrote {out / 'study.json'} in {result['wall_seconds']:.0f} s; render it with: "
+        f"\nwrote {out / 'study.json'} in {doc['wall_seconds']:.0f} s; render it with: "
         f"nnobs report {out}"
     )
     return 0
