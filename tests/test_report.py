@@ -50,22 +50,22 @@ def study_dir(trajectory, python_corpus, tmp_path_factory):
     cfg = parse_study(tables)
     for variant in ("pre", "post"):
         for seed in (0, 1):
-            doc = json.loads(json.dumps(trajectory))
+            result = json.loads(json.dumps(trajectory))
             shift = 0.01 * seed
-            for r in doc["checkpoints"]:
+            for r in result["checkpoints"]:
                 r["best"]["ensemble"] += shift
             if variant == "post":
-                doc["checkpoints"][-1]["best"]["ensemble"] = 0.0
-                doc["collapse"].update(
+                result["checkpoints"][-1]["best"]["ensemble"] = 0.0
+                result["collapse"].update(
                     verdict="erased", layer=0, peak_step=8, collapse_step=24,
                     reason="peak 0.2 at step 8 fell to the floor by step 24",
                 )  # fmt: skip
             else:
-                doc["collapse"].update(verdict="retained", reason="layer 0 keeps it")
-            validate(doc)
+                result["collapse"].update(verdict="retained", reason="layer 0 keeps it")
+            validate(result)
             path = out / "runs" / variant / f"seed_{seed}" / "trajectory" / "trajectory.json"
             path.parent.mkdir(parents=True)
-            path.write_text(json.dumps(doc))
+            path.write_text(json.dumps(result))
     outcomes = {
         (v, s): {"status": "trained", "train_seconds": 1.0, "observe_seconds": 1.0}
         for v in ("pre", "post")

@@ -58,13 +58,13 @@ def run(args: argparse.Namespace) -> int:
         if args.no_progress
         else (lambda msg: print(f"· {msg}", file=sys.stderr))
     )
-    doc = run_study(cfg, out, jobs=args.jobs, log=log)
-    if doc.get("question"):
-        print(doc["question"])
-    for v in doc["variants"]:
+    result = run_study(cfg, out, jobs=args.jobs, log=log)
+    if result.get("question"):
+        print(result["question"])
+    for v in result["variants"]:
         print(f"  {v['name']:<16} {v['verdict']:<14} {variant_verdict_text(v)}")
     print(
-        f"\nwrote {out / 'study.json'} in {doc['wall_seconds']:.0f} s; render it with: "
+        f"\nwrote {out / 'study.json'} in {result['wall_seconds']:.0f} s; render it with: "
         f"nnobs report {out}"
     )
     return 0
