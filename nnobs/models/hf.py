@@ -26,11 +26,10 @@ from nnobs.models.hf_sites import (
     FlatSite,
     Trace,
     WeightsSite,
-    close,
     find_layers,
+    find_readout,
     is_norm,
     layer_sites,
-    logits_are_head_output,
 )
 from nnobs.models.sites import LAYER_SITE_KINDS
 
@@ -182,6 +181,17 @@ def _logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Ten
     return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
 
+def _context_length(text_config: Any) -> int | None:
+    return next(
+        (
+            getattr(text_config, k)
+            for k in ("max_position_embeddings", "n_positions")
+            if isinstance(getattr(text_config, k, None), int)
+        ),
+        None,
+    )
+
+
 def hf_adapter(
     model: nn.Module, tokenizer: Any = None, provenance: dict[str, Any] | None = None
 ) -> ModelAdapter:
@@ -206,7 +216,8 @@ def hf_adapter(
         watched.append(head)
 
     trace = Trace(watched)
-    logits = trace.run(model, int(text_config.vocab_size))
+    vocab = int(text_config.vocab_size)
+    logits = trace.run(model, vocab)
 
     eager = getattr(model.config, "_attn_implementation", None) == "eager"
     n_heads = getattr(text_config, "num_attention_heads", None)
@@ -219,29 +230,9 @@ def hf_adapter(
         )
 
     last = trace.out(layers[-1])
-    final = next((n for n in final_norms if close(trace.out(n), trace.inp(head))), None)
-    unembed_fn = None
+    final, unembed_fn = find_readout(model, head, final_norms, trace, last, logits, vocab)
     if final is not None:
         sites["final"] = Site(final)
-        candidate = lambda x: head(final(x))  # noqa: E731
-    else:
-        candidate = head if head is not None and close(trace.inp(head), last) else None
-    with torch.no_grad():
-        if (
-            candidate is not None
-            and close(candidate(last), logits, rel=1e-3)
-            and logits_are_head_output(model, head, int(text_config.vocab_size))
-        ):
-            unembed_fn = candidate
-
-    context = next(
-        (
-            getattr(text_config, k)
-            for k in ("max_position_embeddings", "n_positions")
-            if isinstance(getattr(text_config, k, None), int)
-        ),
-        None,
-    )
     return HFAdapter(
         model=model,
         sites=sites,
@@ -255,7 +246,7 @@ def hf_adapter(
             "commit": getattr(model.config, "_commit_hash", None),
             "config_hash": _config_hash(model.config),
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-            "context_length": context,
+            "context_length": _context_length(text_config),
             "nnobs_version": __version__,
             **(provenance or {}),
         },

@@ -206,7 +206,7 @@ def _sum_close(x: torch.Tensor | None, a: torch.Tensor | None, b: torch.Tensor |
     return close(x, a + b, scale=b, rel=1e-2)
 
 
-def logits_are_head_output(model: nn.Module, head: nn.Module, vocab: int) -> bool:
+def _logits_are_head_output(model: nn.Module, head: nn.Module, vocab: int) -> bool:
     """Whether the model returns its output head's result as is. Logit soft-capping or
     rescaling after the head (Gemma 2, Cohere, Granite) is close to the identity on the small
     logits of a trace, so the head's output is amplified here until any such step shows."""
@@ -222,6 +222,33 @@ def logits_are_head_output(model: nn.Module, head: nn.Module, vocab: int) -> boo
     finally:
         handle.remove()
     return len(amplified) == 1 and close(logits, amplified[0], rel=1e-4)
+
+
+def find_readout(
+    model: nn.Module,
+    head: nn.Module | None,
+    final_norms: list[nn.Module],
+    trace: Trace,
+    last: torch.Tensor,
+    logits: torch.Tensor,
+    vocab: int,
+) -> tuple[nn.Module | None, Callable[[torch.Tensor], torch.Tensor] | None]:
+    """The final norm (the norm outside the layers whose output the LM head reads), and the
+    map from the last layer's output ``last`` to logits (None unless it gives the model's
+    ``logits`` for the trace's tokens, ids below ``vocab``)."""
+    final = next((n for n in final_norms if close(trace.out(n), trace.inp(head))), None)
+    if final is not None:
+        candidate = lambda x: head(final(x))  # noqa: E731
+    else:
+        candidate = head if head is not None and close(trace.inp(head), last) else None
+    with torch.no_grad():
+        if (
+            candidate is not None
+            and close(candidate(last), logits, rel=1e-3)
+            and _logits_are_head_output(model, head, vocab)
+        ):
+            return final, candidate
+    return final, None
 
 
 # ----------------------------------------------------------------- one layer's sites
