@@ -27,11 +27,12 @@ import time
 import numpy as np
 import torch
 
+from nnobs.data.windows import make_windows
 from nnobs.models.adapter import ModelAdapter, nnobs_adapter
 from nnobs.models.config import ModelConfig
 from nnobs.models.load import load_model
 from nnobs.models.transformer import Transformer
-from nnobs.observe.capture import capture, make_windows
+from nnobs.observe.capture import capture
 
 
 def get_adapter(model: str | None, device: str) -> ModelAdapter:

@@ -1,7 +1,7 @@
 """The whole observability protocol: nnobs ``observe`` against the reference's method.
 
 Both run in the same process, one after the other, on the same model and the same token
-windows (:func:`nnobs.protocol.split_windows`, which ``observe`` itself calls with the same
+windows (:func:`nnobs.observe.splits.token_windows`, which ``observe`` itself calls with the same
 settings; the token counts are checked to agree). The reference side is
 ``benchmarks/reference_protocol.py``: one forward pass per layer, activations in Python lists,
 an Adam-trained ``Linear(d, 1)`` probe retrained from scratch for every seed and step.
@@ -34,17 +34,14 @@ import torch
 from nnobs.core.files import write_json
 from nnobs.core.results import to_plain
 from nnobs.data.corpus import load_corpus
+from nnobs.data.windows import Windows, held_out_splits
 from nnobs.measure.probes import LinearProbe
 from nnobs.models.load import load_model
-from nnobs.observe import protocol
-from nnobs.observe.capture import Windows
-from nnobs.observe.protocol import (
-    ObserveSettings,
-    default_domain2,
-    held_out_splits,
-    residual_labels,
-    split_windows,
-)
+from nnobs.observe import protocol, splits
+from nnobs.observe.protocol import default_domain2
+from nnobs.observe.settings import ObserveSettings
+from nnobs.observe.signal import residual_labels
+from nnobs.observe.splits import model_trained_on, token_windows
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reference_protocol import LOADERS, collect, reference_observe  # noqa: E402
@@ -84,19 +81,19 @@ def warm_up(adapter, windows) -> None:
 
 @contextmanager
 def recording_windows() -> Iterator[list[dict[str, Windows]]]:
-    """Record every set of windows :func:`nnobs.protocol.split_windows` builds meanwhile."""
+    """Record every set of windows :func:`nnobs.observe.splits.token_windows` builds meanwhile."""
     built: list[dict[str, Windows]] = []
-    original = protocol.split_windows
+    original = splits.token_windows
 
     def record(*args, **kwargs):
         built.append(original(*args, **kwargs))
         return built[-1]
 
-    protocol.split_windows = record
+    splits.token_windows = record
     try:
         yield built
     finally:
-        protocol.split_windows = original
+        splits.token_windows = original
 
 
 def same_windows(a: Windows, b: Windows) -> bool:
@@ -156,11 +153,11 @@ def main() -> None:
 
     # The reference gets the windows observe() builds for itself (same helper, same settings);
     # building them here also fills the token cache before either side is timed.
-    docs, policy = held_out_splits(corpus, protocol.model_trained_on(adapter, corpus))
-    windows = split_windows(adapter, docs, settings)
+    docs, policy = held_out_splits(corpus, model_trained_on(adapter, corpus))
+    windows = token_windows(adapter, docs, settings)
     windows2 = None
     if domain2 is not None:
-        windows2 = split_windows(adapter, {"train": domain2.train, "test": domain2.test}, settings)
+        windows2 = token_windows(adapter, {"train": domain2.train, "test": domain2.test}, settings)
     warm_up(adapter, windows["train"])
 
     print(

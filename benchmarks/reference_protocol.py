@@ -1,10 +1,10 @@
 """The observability protocol run the way the reference research code runs it.
 
-Benchmark code, not part of the package: it is what :func:`nnobs.protocol.observe` is
+Benchmark code, not part of the package: it is what :func:`nnobs.observe.protocol.observe` is
 measured against. The *steps* and the *statistics* are nnobs's (the same splits, seeds,
-candidate rule, covariate sets and :mod:`nnobs.stats` functions, on the same token windows
-from :func:`nnobs.protocol.split_windows`), so that only the *method* differs, and the method
-is the reference's (``nn-observability``'s ``run_model.py``):
+candidate rule, covariate sets and :mod:`nnobs.measure.stats` functions, on the same token
+windows from :func:`nnobs.observe.splits.token_windows`), so that only the *method* differs,
+and the method is the reference's (``nn-observability``'s ``run_model.py``):
 
 - activations are collected by a forward hook per requested layer into Python lists of float32
   tensors, concatenated with ``torch.cat`` and kept in RAM; the layer sweep runs one forward
@@ -42,19 +42,20 @@ from reference_probe import ReferenceAdamProbe
 from torch.utils.data import DataLoader, TensorDataset
 
 from nnobs.core.errors import NnobsError
+from nnobs.data.windows import Windows
 from nnobs.measure import stats
 from nnobs.measure.probes import RandomHead
 from nnobs.models.adapter import ModelAdapter
-from nnobs.observe.capture import Capture, Windows
-from nnobs.observe.protocol import (
-    ObserveSettings,
-    SplitData,
-    Stopwatch,
+from nnobs.observe.capture import Capture
+from nnobs.observe.protocol import Stopwatch
+from nnobs.observe.settings import ObserveSettings
+from nnobs.observe.signal import (
     candidate_layers,
     ensemble_score,
     hand_statistics,
     residual_labels,
 )
+from nnobs.observe.splits import SplitData
 
 
 def pcorr(score: np.ndarray, data: SplitData, site: str) -> float:
@@ -213,7 +214,7 @@ def reference_observe(
 
     ``domain2_windows`` (train/test of a second corpus) adds the cross-domain step. ``loader``
     picks how probes and MLPs draw mini-batches (see :func:`epochs_of_batches`). Returns
-    plain numbers shaped like the matching parts of :func:`nnobs.protocol.observe`'s result,
+    plain numbers shaped like the matching parts of :func:`nnobs.observe.protocol.observe`'s result,
     plus ``timings_s`` (stage → seconds; ``capture`` sums every forward pass),
     ``forward_passes`` and the seed-``sweep_seed`` probe of every layer (``sweep_probes``).
     """

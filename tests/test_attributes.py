@@ -4,24 +4,26 @@ import torch
 
 from nnobs.core.errors import NnobsError
 from nnobs.data.corpus import Document
+from nnobs.data.python_labels import (
+    ATTRIBUTES,
+    CLASSES,
+    UnalignedTokens,
+    UntokenizableSource,
+    python_char_labels,
+    token_char_starts,
+)
 from nnobs.data.tokenizer import byte_tokenizer, train_bpe
+from nnobs.data.windows import make_windows
 from nnobs.models.adapter import nnobs_adapter
 from nnobs.models.config import ModelConfig
 from nnobs.models.transformer import Transformer
 from nnobs.observe.attribute_probes import (
-    ATTRIBUTES,
-    CLASSES,
     AttributeData,
     SoftmaxProbe,
-    UnalignedTokens,
-    UntokenizableSource,
     attribute_dataset,
     control_labels,
     probe_attributes,
-    python_char_labels,
-    token_char_starts,
 )
-from nnobs.observe.capture import make_windows
 
 T = {name: code for code, name in enumerate(CLASSES["token_type"])}
 

@@ -14,7 +14,9 @@ from nnobs.models.adapter import nnobs_adapter
 from nnobs.models.config import ModelConfig
 from nnobs.models.transformer import Transformer
 from nnobs.observe.capture import capture
-from nnobs.observe.protocol import ObserveSettings, residual_labels, split_windows
+from nnobs.observe.settings import ObserveSettings
+from nnobs.observe.signal import residual_labels
+from nnobs.observe.splits import token_windows
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from reference_protocol import collect, reference_observe, train_probe  # noqa: E402
@@ -38,7 +40,7 @@ def setup(tmp_path, monkeypatch):
     corpus = Corpus("synthetic", {}, *(documents(s, 12, i) for i, s in enumerate("abc")))
     settings = ObserveSettings(ex_per_dim=40, seeds=[43, 44, 45], batch_size=8)
     docs = {"train": corpus.train, "validation": corpus.validation, "test": corpus.test}
-    return adapter, settings, split_windows(adapter, docs, settings)
+    return adapter, settings, token_windows(adapter, docs, settings)
 
 
 def test_collect_reads_the_same_tokens_and_values_as_capture(setup):

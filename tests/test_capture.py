@@ -10,10 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from nnobs.core.errors import NnobsError
+from nnobs.data.windows import Windows, make_windows
 from nnobs.models.adapter import nnobs_adapter
 from nnobs.models.config import ModelConfig
 from nnobs.models.transformer import Transformer
-from nnobs.observe.capture import Capture, Windows, capture, make_windows
+from nnobs.observe.capture import Capture, capture
 
 VOCAB = 64
 

@@ -11,7 +11,8 @@ import pytest
 from nnobs.measure import stats
 from nnobs.measure.probes import LinearProbe, RandomHead
 from nnobs.observe.capture import Capture
-from nnobs.observe.protocol import SplitData, fit_probe, pcorr
+from nnobs.observe.signal import fit_probe, pcorr
+from nnobs.observe.splits import SplitData
 
 D = 32
 SITE = "blocks.0.resid_post"

@@ -1,26 +1,7 @@
 """Attribute probes: what a layer linearly encodes about Python source, with exact labels.
 
-The standard ``tokenize`` module labels every character of a Python file exactly, so these
-properties need no annotation:
-
-- ``token_type``: the lexical class of the token the character is in: name, keyword
-  (``keyword.iskeyword``; soft keywords such as ``match`` count as names), op, number,
-  string, comment, or whitespace (spaces, newlines, indentation, line continuations).
-- ``bracket_depth``: how many ``( [ {`` enclose the character, capped at ``BRACKET_CAP``
-  (the last class means "that many or more"). A bracket itself is at the depth outside it,
-  so ``f(a)`` is 0 0 1 0.
-- ``in_string``: inside a string literal, from its prefix and opening quote to its closing
-  quote. An f-string counts whole, replacement fields included: Python 3.12+ tokenizes the
-  fields into names and operators, and they are folded back into the string so labels are the
-  same on every version (string type, and their brackets do not count towards depth).
-- ``indent_level``: the block depth from INDENT/DEDENT, capped at ``INDENT_CAP``. A dedent
-  takes effect at the start of its line, so a line's leading whitespace has that line's level;
-  comment and blank lines keep the level of the block they sit in.
-
-A model token gets the labels of its first character (byte-level tokens that start inside a
-multi-byte character get that character's). Files that ``tokenize`` rejects (or that contain
-error tokens, such as an unterminated string on Python 3.11) are skipped and counted, since
-their labels would not be exact.
+Labels come from :mod:`nnobs.data.python_labels` (exact, from ``tokenize``); files that
+cannot be labelled exactly are skipped and counted.
 
 **Probes and the control task.** Per attribute and site, a multinomial logistic regression is
 fit on training tokens and scored on held-out tokens (disjoint documents). Accuracy alone
@@ -38,11 +19,7 @@ reaches with no information, next to the majority-class baseline.
 
 from __future__ import annotations
 
-import io
-import keyword
 import os
-import re
-import tokenize
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,163 +32,21 @@ import torch.nn.functional as F
 from nnobs.core.errors import NnobsError
 from nnobs.data.corpus import Document
 from nnobs.data.encoding import encode_documents
+from nnobs.data.python_labels import (
+    ATTRIBUTES,
+    CLASSES,
+    UnalignedTokens,
+    UntokenizableSource,
+    python_char_labels,
+    token_char_starts,
+)
 from nnobs.data.tokenizer import Tokenizer
+from nnobs.data.windows import Windows, make_windows, window_length
 from nnobs.measure.arrays import to_tensor
 from nnobs.models.adapter import ModelAdapter
-from nnobs.observe.capture import capture, make_windows
-from nnobs.observe.protocol import window_length
-
-TOKEN_TYPES = ("whitespace", "name", "keyword", "op", "number", "string", "comment")
-BRACKET_CAP = 3
-INDENT_CAP = 4
-ATTRIBUTES = ("token_type", "bracket_depth", "in_string", "indent_level")
-# Class names per attribute, index = label code.
-CLASSES: dict[str, tuple[str, ...]] = {
-    "token_type": TOKEN_TYPES,
-    "bracket_depth": (*map(str, range(BRACKET_CAP)), f"{BRACKET_CAP}+"),
-    "in_string": ("no", "yes"),
-    "indent_level": (*map(str, range(INDENT_CAP)), f"{INDENT_CAP}+"),
-}
-_TYPE = {name: code for code, name in enumerate(TOKEN_TYPES)}
-_SIMPLE = {tokenize.NUMBER: "number", tokenize.STRING: "string", tokenize.COMMENT: "comment"}
-_OPENERS, _CLOSERS = "([{", ")]}"
-# Python 3.12 splits f-strings (3.14 also t-strings) into START ... END tokens.
-_STRING_START = {getattr(tokenize, f"{k}STRING_START", None) for k in "FT"} - {None}
-_STRING_END = {getattr(tokenize, f"{k}STRING_END", None) for k in "FT"} - {None}
-# A character split over tokens is rejoined over at most this many (UTF-8 has up to 4 bytes).
-_MAX_GROUP = 8
-
-
-class UntokenizableSource(NnobsError):
-    """The text is not Python that ``tokenize`` reads exactly."""
-
-
-class UnalignedTokens(NnobsError):
-    """The tokenizer's pieces do not concatenate to the text, so tokens have no char spans."""
-
-
-class _Labeller:
-    """Fills the per-character label arrays front to back as tokens arrive."""
-
-    def __init__(self, n: int):
-        self.arrays = {
-            "token_type": np.zeros(n, np.int8),
-            "bracket_depth": np.zeros(n, np.int8),
-            "in_string": np.zeros(n, np.int8),
-            "indent_level": np.zeros(n, np.int8),
-        }
-        self.pos = self.depth = self.level = 0
-
-    def fill(self, upto: int, kind: str = "whitespace", string: bool = False) -> None:
-        if upto <= self.pos:
-            return
-        span = slice(self.pos, upto)
-        self.arrays["token_type"][span] = _TYPE[kind]
-        self.arrays["bracket_depth"][span] = min(self.depth, BRACKET_CAP)
-        self.arrays["in_string"][span] = string
-        self.arrays["indent_level"][span] = min(self.level, INDENT_CAP)
-        self.pos = upto
-
-
-def python_char_labels(source: str) -> dict[str, np.ndarray]:
-    """Exact labels for every character of ``source``: attribute -> ``(len(source),)`` int8.
-
-    Codes index :data:`CLASSES`. Raises :class:`UntokenizableSource` when ``tokenize`` fails.
-    """
-    n = len(source)
-    line_starts = [0, *(m.end() for m in re.finditer("\n", source))]
-
-    def offset(row: int, col: int) -> int:
-        return min(line_starts[row - 1] + col, n) if row <= len(line_starts) else n
-
-    out = _Labeller(n)
-    nested = 0  # open f-strings (3.12+), whose inner tokens are folded into the string
-    fstring_start = 0
-    try:
-        for tok in tokenize.generate_tokens(io.StringIO(source).readline):
-            start, end = offset(*tok.start), offset(*tok.end)
-            if tok.type == tokenize.ERRORTOKEN:
-                raise UntokenizableSource(
-                    f"error token {tok.string!r} at line {tok.start[0]}: not valid Python"
-                )
-            if tok.type in _STRING_START:
-                if nested == 0:
-                    fstring_start = start
-                nested += 1
-            elif tok.type in _STRING_END:
-                nested -= 1
-                if nested == 0:
-                    out.fill(fstring_start)
-                    out.fill(end, "string", string=True)
-            if nested or tok.type in _STRING_END:
-                continue
-            if tok.type == tokenize.DEDENT:
-                out.fill(line_starts[min(tok.start[0], len(line_starts)) - 1])
-                out.level -= 1
-                continue
-            out.fill(start)
-            if tok.type == tokenize.INDENT:
-                out.level += 1
-                out.fill(end)
-            elif tok.type == tokenize.NAME:
-                out.fill(end, "keyword" if keyword.iskeyword(tok.string) else "name")
-            elif tok.type == tokenize.OP:
-                if tok.string in _CLOSERS:
-                    out.depth = max(out.depth - 1, 0)
-                out.fill(end, "op")
-                if tok.string in _OPENERS:
-                    out.depth += 1
-            elif tok.type in _SIMPLE:
-                out.fill(end, _SIMPLE[tok.type], string=tok.type == tokenize.STRING)
-            else:  # NEWLINE, NL, ENDMARKER
-                out.fill(end)
-    except (tokenize.TokenError, SyntaxError) as e:  # IndentationError is a SyntaxError
-        raise UntokenizableSource(f"not tokenizable as Python: {e}") from None
-    out.fill(n)
-    return out.arrays
-
-
-def token_char_starts(
-    tokenizer: Tokenizer,
-    ids: Sequence[int],
-    text: str,
-    pieces: dict[int, str] | None = None,
-) -> np.ndarray:
-    """The character offset in ``text`` where each token of ``ids`` (``text`` encoded) starts.
-
-    Works for any tokenizer whose tokens decode to consecutive pieces of the text (byte-level
-    BPE, raw bytes): each token is decoded alone, and a character split over several tokens
-    is decoded as a group, each token of the group starting at the character its first byte
-    belongs to. ``pieces`` caches single-token decodes across calls. Raises
-    :class:`UnalignedTokens` if the pieces do not rebuild the text.
-    """
-    pieces = {} if pieces is None else pieces
-    ids = [int(i) for i in ids]
-    starts = np.empty(len(ids), np.int64)
-    p = i = 0
-    while i < len(ids):
-        if ids[i] not in pieces:
-            pieces[ids[i]] = tokenizer.decode([ids[i]])
-        piece = pieces[ids[i]]
-        if text.startswith(piece, p):
-            starts[i] = p
-            p, i = p + len(piece), i + 1
-            continue
-        for j in range(i + 2, min(i + _MAX_GROUP, len(ids)) + 1):
-            piece = tokenizer.decode(ids[i:j])
-            if text.startswith(piece, p):
-                break
-        else:
-            raise UnalignedTokens(
-                f"token {i} ({ids[i]}) does not decode to the text at character {p}: "
-                "attribute labels need a byte-level or byte tokenizer"
-            )
-        for k in range(i, j):
-            starts[k] = p + len(tokenizer.decode(ids[i:k]).rstrip("\ufffd"))
-        p, i = p + len(piece), j
-    if p != len(text):
-        raise UnalignedTokens(f"tokens cover {p} of {len(text)} characters")
-    return np.minimum(starts, max(len(text) - 1, 0))
+from nnobs.observe.capture import capture
+from nnobs.observe.settings import ObserveSettings
+from nnobs.observe.splits import model_context
 
 
 @dataclass
@@ -234,7 +69,7 @@ def attribute_dataset(
     *,
     seed: int = 0,
     batch_size: int = 16,
-    dtype=np.float32,
+    dtype: np.dtype | type = np.float32,
     directory: str | os.PathLike | None = None,
     progress: bool = False,
     cache_dir: Path | None = None,
@@ -243,68 +78,29 @@ def attribute_dataset(
     """Capture ``sites`` on windows of ``docs`` and label each captured token exactly.
 
     Documents that do not tokenize as Python, or whose model tokens cannot be aligned to
-    characters, are skipped and counted in ``counts``. Windows and capture are those of
-    :mod:`nnobs.observe.capture` (``seed`` picks the document order, ``max_tokens`` caps the rows);
-    ``seq_len`` defaults as in the observability protocol; ``cache_dir`` is where token
-    arrays are cached (:func:`nnobs.data.corpus.encode_documents`). ``doc_tokens`` keeps only the
-    first that many tokens of each document, so that a budget spreads over many files: label
-    mixes differ a lot between files (a table of literals is all brackets and strings), and a
-    few long files make a training and a test set that disagree.
+    characters, are skipped and counted in ``counts``. Windows are those of
+    :func:`nnobs.data.windows.make_windows` (``seed`` picks the document order, ``max_tokens``
+    caps the rows); ``seq_len`` defaults as in the observability protocol; ``cache_dir`` is
+    where token arrays are cached (:func:`nnobs.data.encoding.encode_documents`).
+    ``doc_tokens`` keeps only the first that many tokens of each document, so that a budget
+    spreads over many files: label mixes differ a lot between files (a table of literals is all
+    brackets and strings), and a few long files make a training and a test set that disagree.
     """
     tok = adapter.tokenizer
     if tok is None:
         raise NnobsError("the model has no tokenizer; load it from a directory that has one")
-    length = window_length(adapter, seq_len)
+    length = window_length(model_context(adapter), seq_len)
     if doc_tokens is not None and doc_tokens < 2:
         raise NnobsError(f"doc_tokens must be at least 2, got {doc_tokens}")
-    encoded = encode_documents(list(docs), tok, cache_dir=cache_dir)
-    tokens = [t[:doc_tokens].astype(np.int64) for t in encoded]
-    counts = {"documents": len(docs), "untokenizable": 0, "unaligned": 0}
-    token_labels: dict[int, dict[str, np.ndarray]] = {}
-    pieces: dict[int, str] = {}
-    # Label only the documents the windows use (tokenize is slow on a whole corpus). A
-    # document that cannot be labelled is emptied rather than removed, which keeps the
-    # seeded document order, and the windows are cut again until all their documents are
-    # labelled.
-    while True:
-        try:
-            windows = make_windows(tokens, length, max_tokens, seed=seed, split="attributes")
-        except NnobsError as e:
-            skipped = counts["untokenizable"] + counts["unaligned"]
-            if not skipped:
-                raise
-            raise NnobsError(
-                f"{e} ({counts['untokenizable']} documents not tokenizable as Python and "
-                f"{counts['unaligned']} not alignable to the tokenizer were skipped)"
-            ) from None
-        new = [int(d) for d in np.unique(windows.doc_ids) if int(d) not in token_labels]
-        if not new:
-            break
-        for d in new:
-            try:
-                chars = python_char_labels(docs[d].text)
-                starts = token_char_starts(tok, encoded[d], docs[d].text, pieces)
-            except (UntokenizableSource, UnalignedTokens) as e:
-                counts["untokenizable" if isinstance(e, UntokenizableSource) else "unaligned"] += 1
-                tokens[d] = tokens[d][:0]
-                token_labels[d] = {}
-                continue
-            token_labels[d] = {a: chars[a][starts] for a in ATTRIBUTES}
-    counts["used"] = len(np.unique(windows.doc_ids))
-
-    # Windows depend on document lengths only, so the same call on positions tells where
-    # each captured row sits in its document.
-    where = make_windows([np.arange(len(t)) for t in tokens], length, max_tokens, seed=seed)
-    rows_doc = np.repeat(windows.doc_ids, windows.valid.sum(1))
-    rows_pos = where.input_ids[where.valid]
-    row_tokens = windows.input_ids[windows.valid]
-    labels = {a: np.empty(len(row_tokens), np.int8) for a in ATTRIBUTES}
+    labeller = _DocumentLabels(docs, tok, encode_documents(list(docs), tok, cache_dir=cache_dir))
+    tokens = [t[:doc_tokens].astype(np.int64) for t in labeller.encoded]
+    windows = labeller.windows(tokens, length, max_tokens, seed)
+    rows_doc, rows_pos = windows.row_documents(), windows.row_positions()
+    labels = {a: np.empty(windows.n_tokens, np.int8) for a in ATTRIBUTES}
     for d in np.unique(rows_doc):
         mine = rows_doc == d
-        if not np.array_equal(tokens[d][rows_pos[mine]], row_tokens[mine]):
-            raise RuntimeError("token windows are not a function of document lengths alone")
         for a in ATTRIBUTES:
-            labels[a][mine] = token_labels[int(d)][a][rows_pos[mine]]
+            labels[a][mine] = labeller.labels[int(d)][a][rows_pos[mine]]
     cap = capture(
         adapter,
         windows,
@@ -318,10 +114,90 @@ def attribute_dataset(
     return AttributeData(
         acts=cap.acts,
         labels=labels,
-        token_ids=row_tokens,
+        token_ids=windows.input_ids[windows.valid],
         doc_ids=rows_doc,
-        counts=counts,
+        counts=labeller.counts,
     )
+
+
+class _DocumentLabels:
+    """Exact labels of each model token of the documents, made only for the documents that
+    windows use (``tokenize`` is slow on a whole corpus); documents that cannot be labelled
+    are counted."""
+
+    def __init__(self, docs: Sequence[Document], tokenizer: Tokenizer, encoded: list[np.ndarray]):
+        self.docs, self.tokenizer, self.encoded = docs, tokenizer, encoded
+        self.counts = {"documents": len(docs), "untokenizable": 0, "unaligned": 0}
+        self.labels: dict[int, dict[str, np.ndarray]] = {}  # document -> attribute -> per token
+        self._pieces: dict[int, str] = {}
+
+    def windows(
+        self, tokens: list[np.ndarray], length: int, max_tokens: int | None, seed: int
+    ) -> Windows:
+        """Windows of ``tokens`` whose documents are all labelled.
+
+        A document that cannot be labelled is emptied in ``tokens`` rather than removed, which
+        keeps the seeded document order, and the windows are cut again until all their
+        documents are labelled.
+        """
+        while True:
+            try:
+                windows = make_windows(tokens, length, max_tokens, seed=seed, split="attributes")
+            except NnobsError as e:
+                if not self.counts["untokenizable"] + self.counts["unaligned"]:
+                    raise
+                raise NnobsError(
+                    f"{e} ({self.counts['untokenizable']} documents not tokenizable as Python "
+                    f"and {self.counts['unaligned']} not alignable to the tokenizer were skipped)"
+                ) from None
+            new = [int(d) for d in np.unique(windows.doc_ids) if int(d) not in self.labels]
+            if not new:
+                self.counts["used"] = len(np.unique(windows.doc_ids))
+                return windows
+            for d in new:
+                if not self._label(d):
+                    tokens[d] = tokens[d][:0]
+
+    def _label(self, d: int) -> bool:
+        """Label document ``d``'s tokens; False (and counted) when it cannot be labelled."""
+        text = self.docs[d].text
+        try:
+            chars = python_char_labels(text)
+            starts = token_char_starts(self.tokenizer, self.encoded[d], text, self._pieces)
+        except (UntokenizableSource, UnalignedTokens) as e:
+            self.counts["untokenizable" if isinstance(e, UntokenizableSource) else "unaligned"] += 1
+            self.labels[d] = {}
+            return False
+        self.labels[d] = {a: chars[a][starts] for a in ATTRIBUTES}
+        return True
+
+
+def attribute_profile(
+    adapter: ModelAdapter,
+    docs: dict[str, list[Document]],
+    sites: list[str],
+    settings: ObserveSettings,
+) -> dict[str, dict[str, list]]:
+    """Attribute probes per site (probe-train documents → test documents) at the protocol's
+    budget and windows, compacted to one list per statistic with one value per site."""
+    data = {
+        split: attribute_dataset(
+            adapter,
+            docs[split],
+            sites,
+            settings.token_budget(adapter.d_model),
+            settings.seq_len,
+            seed=settings.window_seed,
+            batch_size=settings.batch_size,
+        )
+        for split in ("train", "test")
+    }
+    result = probe_attributes(data["train"], data["test"])
+    keys = ("accuracy", "control_accuracy", "selectivity", "majority_baseline")
+    return {
+        name: {key: [attr["sites"][site].get(key) for site in sites] for key in keys}
+        for name, attr in result["attributes"].items()
+    }
 
 
 class SoftmaxProbe:

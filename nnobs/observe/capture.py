@@ -1,10 +1,9 @@
-"""Token windows from documents, and one forward pass per batch that collects everything.
+"""One forward pass per batch of token windows that collects everything the protocol reads.
 
-:func:`make_windows` cuts documents into fixed-length windows that never cross a document
-boundary; :func:`capture` runs the model once per batch of windows and keeps, for every
-*valid* position (a real token whose next token is real and in the same document), the
-next-token loss, output confidence and entropy, and the activations and norms of the
-requested hook sites. Padding never enters a statistic.
+:func:`capture` runs the model once per batch of windows (:mod:`nnobs.data.windows`: none
+crosses a document boundary) and keeps, for every *valid* position (a real token whose next
+token is real and in the same document), the next-token loss, output confidence and entropy,
+and the activations and norms of the requested hook sites. Padding never enters a statistic.
 
 With ``directory`` set, per-token arrays are streamed front to back into ``.npy`` files
 (sequential writes, so process memory stays flat whatever the token budget) and come back
@@ -22,7 +21,7 @@ import os
 import resource
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,96 +33,14 @@ from tqdm import tqdm
 
 from nnobs.core.errors import NnobsError
 from nnobs.core.files import atomic_path, read_json, write_json
-from nnobs.models.adapter import ModelAdapter
+from nnobs.data.windows import Windows
+from nnobs.models.adapter import Edit, ModelAdapter
 from nnobs.models.sites import SITE_KINDS, site_kind
 
 FORMAT = "nnobs.capture"
 FORMAT_VERSION = 1
 SCALARS = ("loss", "max_softmax", "entropy")
 FLOAT16_MAX = float(np.finfo(np.float16).max)
-
-
-# ------------------------------------------------------------------------------ windows
-
-
-@dataclass
-class Windows:
-    """Token windows cut from documents; no window crosses a document boundary.
-
-    ``input_ids`` and ``targets`` are right-padded with id 0; ``targets[i, t]`` is the token
-    after ``input_ids[i, t]``. Position t is valid iff token t and its target are real
-    tokens of the same document (``valid`` is always a prefix of each row).
-    """
-
-    input_ids: np.ndarray  # (n_windows, seq_len) int64
-    targets: np.ndarray  # (n_windows, seq_len) int64
-    valid: np.ndarray  # (n_windows, seq_len) bool
-    doc_ids: np.ndarray  # (n_windows,) int64: index of the source document
-
-    @property
-    def n_tokens(self) -> int:
-        """Number of valid (scored) positions."""
-        return int(self.valid.sum())
-
-    @property
-    def seq_len(self) -> int:
-        return int(self.input_ids.shape[1])
-
-
-def make_windows(
-    docs_tokens: list[np.ndarray],
-    seq_len: int,
-    max_tokens: int | None = None,
-    seed: int = 0,
-    split: str = "corpus",
-) -> Windows:
-    """Cut documents into windows of ``seq_len`` inputs (+1 target token each).
-
-    Documents are taken in a seeded random order, each cut into consecutive windows of
-    ``seq_len + 1`` tokens (consecutive windows share one token, so every token after a
-    document's first is a target exactly once), until exactly ``max_tokens`` valid positions
-    are collected (all of them when None). ``split`` only names the split in errors.
-    """
-    if not isinstance(seq_len, int) or seq_len < 1:
-        raise NnobsError(f"seq_len must be a positive integer, got {seq_len!r}")
-    if max_tokens is not None and max_tokens < 1:
-        raise NnobsError(f"max_tokens must be a positive integer, got {max_tokens!r}")
-    available = sum(max(len(d) - 1, 0) for d in docs_tokens)
-    if max_tokens is not None and available < max_tokens:
-        raise NnobsError(
-            f"corpus too small: it has {available} tokens in split {split}, the budget needs "
-            f"{max_tokens}; lower the budget (examples per dimension) or use a larger corpus"
-        )
-    if available == 0:
-        raise NnobsError(f"split {split} has no document of two or more tokens to score")
-    remaining = available if max_tokens is None else max_tokens
-    pieces: list[tuple[int, np.ndarray, int]] = []  # (document, chunk, valid positions)
-    for doc in np.random.default_rng(seed).permutation(len(docs_tokens)):
-        tokens = np.asarray(docs_tokens[doc])
-        for start in range(0, len(tokens) - 1, seq_len):
-            chunk = tokens[start : start + seq_len + 1]
-            n_valid = min(len(chunk) - 1, remaining)
-            pieces.append((int(doc), chunk, n_valid))
-            remaining -= n_valid
-            if remaining == 0:
-                break
-        if remaining == 0:
-            break
-
-    n = len(pieces)
-    input_ids = np.zeros((n, seq_len), dtype=np.int64)
-    targets = np.zeros((n, seq_len), dtype=np.int64)
-    valid = np.zeros((n, seq_len), dtype=bool)
-    for row, (_, chunk, n_valid) in enumerate(pieces):
-        inputs = chunk[:seq_len]
-        input_ids[row, : len(inputs)] = inputs
-        targets[row, : len(chunk) - 1] = chunk[1:]
-        valid[row, :n_valid] = True
-    doc_ids = np.array([doc for doc, _, _ in pieces], dtype=np.int64)
-    return Windows(input_ids, targets, valid, doc_ids)
-
-
-# ------------------------------------------------------------------------------ capture
 
 
 @dataclass
@@ -299,24 +216,28 @@ def _site_rows(name: str, value: torch.Tensor, batch: tuple[int, int], keep) -> 
     return (rows if keep is None else rows[keep]).flatten(1)
 
 
-def capture(
-    adapter: ModelAdapter,
-    windows: Windows,
-    sites: list[str],
-    *,
-    batch_size: int = 16,
-    dtype=np.float16,
-    directory: str | os.PathLike | None = None,
-    progress: bool = True,
-    desc: str = "capture",
-) -> Capture:
-    """One forward pass per batch of windows: output statistics and site activations.
+def _row_norms(site: str, rows: torch.Tensor, store: torch.dtype) -> torch.Tensor:
+    """Each row's float32 L2 norm, after checking the rows are finite and fit ``store``."""
+    norm = rows.float().norm(dim=1)
+    # One scalar answers both checks: a row's norm bounds its every entry.
+    worst = float(norm.max()) if len(norm) else 0.0
+    if not np.isfinite(worst):
+        bad = int((~torch.isfinite(rows)).sum())
+        raise NnobsError(
+            f"{site} has {bad} non-finite values; the model is numerically "
+            "broken at this layer — try float32"
+        )
+    if store == torch.float16 and worst > FLOAT16_MAX:
+        peak = float(rows.float().abs().max())
+        if peak > FLOAT16_MAX:
+            raise NnobsError(
+                f"{site} has values up to {peak:.3g}, beyond float16's range "
+                f"({FLOAT16_MAX:.0f}); capture with dtype float32"
+            )
+    return norm
 
-    Activations are stored as ``dtype`` (float16 or float32); norms are computed in float32
-    before the cast. With ``directory``, arrays are streamed to disk and the result's
-    activations are read-only memory maps of those files.
-    """
-    sites = list(dict.fromkeys(sites))
+
+def _check_request(adapter: ModelAdapter, sites: list[str], dtype: np.dtype, batch_size: int):
     for site in sites:
         adapter.resolve(site)
         kind = SITE_KINDS[site_kind(site)]
@@ -325,87 +246,115 @@ def capture(
                 f"{site} is ({' × '.join(kind.axes[1:])}) per sequence, not a per-token "
                 "activation; read it with adapter.run_with_cache"
             )
-    dtype = np.dtype(dtype)
     if dtype not in (np.float16, np.float32):
         raise NnobsError(f"activations are stored as float16 or float32, not {dtype}")
     if batch_size < 1:
         raise NnobsError(f"batch_size must be a positive integer, got {batch_size}")
+
+
+class _Writer:
+    """The capture's columns, filled one batch of valid positions at a time."""
+
+    def __init__(self, columns: _Columns, windows: Windows, sites: list[str], dtype: np.dtype):
+        self.columns, self.sites, self.dtype = columns, sites, dtype
+        self.store = torch.float16 if dtype == np.float16 else torch.float32
+        self.scalars = {name: columns.add(name, (), np.float32) for name in SCALARS}
+        columns.add("doc_ids", (), np.int64).write(windows.row_documents())
+        self.norms = {site: columns.add(f"norms/{site}", (), np.float32) for site in sites}
+        self.acts: dict[str, _Column] = {}  # created at the first batch, which gives the width
+
+    def write(self, out: torch.Tensor, cache: dict[str, torch.Tensor], shape, keep) -> None:
+        """One batch: ``out`` from :func:`_output_stats`, ``cache`` the hooked site values."""
+        for site in self.sites:
+            rows = _site_rows(site, cache[site], shape, keep)
+            norm = _row_norms(site, rows, self.store)
+            if site not in self.acts:
+                self.acts[site] = self.columns.add(f"acts/{site}", (rows.shape[1],), self.dtype)
+            self.acts[site].write(rows.to(self.store).cpu().numpy())
+            self.norms[site].write(norm.cpu().numpy())
+        # Checked after the sites, so a broken layer is named before its effect.
+        bad = int((~torch.isfinite(out[0])).sum())
+        if bad:
+            raise NnobsError(
+                f"the loss has {bad} non-finite values; the model is numerically "
+                "broken at its output — try float32"
+            )
+        for name, row in zip(SCALARS, out.cpu().numpy(), strict=True):
+            self.scalars[name].write(row)
+
+
+def _capture_batch(
+    adapter: ModelAdapter,
+    windows: Windows,
+    batch: slice,
+    writer: _Writer,
+    edits: Mapping[str, Edit] | None,
+    fused: bool,
+) -> None:
+    """One forward pass over a batch of windows, its valid positions written to ``writer``."""
+    device = adapter.device
+    valid_np = windows.valid[batch]
+    ids = torch.from_numpy(windows.input_ids[batch]).to(device)
+    valid = torch.from_numpy(valid_np).to(device)
+    targets = torch.from_numpy(windows.targets[batch]).to(device).flatten()
+    with torch.inference_mode(), adapter.hooks(capture=writer.sites, edits=edits) as cache:
+        # Full windows (the common case) need no gather: every position is kept.
+        keep = None if valid_np.all() else valid.flatten().nonzero().squeeze(1)
+        if fused:
+            stream = adapter.stream_fn(ids, valid.long()).flatten(0, 1)
+            out = _output_stats(stream, targets, keep, adapter.unembed_fn, adapter.vocab_size)
+        else:
+            logits = adapter.forward(ids, valid.long()).flatten(0, 1)
+            out = _output_stats(logits, targets, keep)
+        writer.write(out, cache, tuple(ids.shape), keep)
+
+
+def capture(
+    adapter: ModelAdapter,
+    windows: Windows,
+    sites: list[str],
+    *,
+    batch_size: int = 16,
+    dtype: np.dtype | type = np.float16,
+    directory: str | os.PathLike | None = None,
+    progress: bool = True,
+    desc: str = "capture",
+    edits: Mapping[str, Edit] | None = None,
+) -> Capture:
+    """One forward pass per batch of windows: output statistics and site activations.
+
+    Activations are stored as ``dtype`` (float16 or float32); norms are computed in float32
+    before the cast. With ``directory``, arrays are streamed to disk and the result's
+    activations are read-only memory maps of those files. ``edits`` (site -> edit, see
+    :meth:`ModelAdapter.hooks`) change the forward pass; a captured site records its value
+    after the edit.
+    """
+    sites = list(dict.fromkeys(sites))
+    dtype = np.dtype(dtype)
+    _check_request(adapter, sites, dtype, batch_size)
     _check_windows(windows, adapter.vocab_size)
-    torch_dtype = torch.float16 if dtype == np.float16 else torch.float32
     out_dir = Path(directory) if directory is not None else None
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "capture.json").unlink(missing_ok=True)  # no stale capture while writing
 
     n, n_windows = windows.n_tokens, len(windows.input_ids)
-    device = adapter.device
     # Logits a few rows at a time from the final stream, unless a site inside the readout is
-    # wanted (its hook would then see one chunk at a time).
-    fused = (
-        adapter.stream_fn is not None and adapter.unembed_fn is not None and "final" not in sites
-    )
+    # wanted or edited (its hook would then see one chunk at a time).
+    readout_hooked = "final" in sites or "final" in (edits or {})
+    fused = adapter.stream_fn is not None and adapter.unembed_fn is not None and not readout_hooked
     start = time.perf_counter()
     with ExitStack() as stack:
         columns = _Columns(n, out_dir, stack)
-        scalars = {name: columns.add(name, (), np.float32) for name in SCALARS}
-        columns.add("doc_ids", (), np.int64).write(np.repeat(windows.doc_ids, windows.valid.sum(1)))
-        acts: dict[str, _Column] = {}
-        norms = {site: columns.add(f"norms/{site}", (), np.float32) for site in sites}
+        writer = _Writer(columns, windows, sites, dtype)
         bar = stack.enter_context(
             tqdm(total=n_windows, desc=desc, unit="window", disable=not progress, leave=False)
         )
         for first in range(0, n_windows, batch_size):
             batch = slice(first, first + batch_size)
-            valid_np = windows.valid[batch]
-            ids = torch.from_numpy(windows.input_ids[batch]).to(device)
-            valid = torch.from_numpy(valid_np).to(device)
-            targets = torch.from_numpy(windows.targets[batch]).to(device).flatten()
-            with torch.inference_mode(), adapter.hooks(capture=sites) as cache:
-                # Full windows (the common case) need no gather: every position is kept.
-                keep = None if valid_np.all() else valid.flatten().nonzero().squeeze(1)
-                if fused:
-                    stream = adapter.stream_fn(ids, valid.long()).flatten(0, 1)
-                    out = _output_stats(
-                        stream, targets, keep, adapter.unembed_fn, adapter.vocab_size
-                    )
-                else:
-                    logits = adapter.forward(ids, valid.long()).flatten(0, 1)
-                    out = _output_stats(logits, targets, keep)
-                for site in sites:
-                    rows = _site_rows(site, cache[site], tuple(ids.shape), keep)
-                    norm = rows.float().norm(dim=1)
-                    # One scalar answers both checks: a row's norm bounds its every entry.
-                    worst = float(norm.max()) if len(norm) else 0.0
-                    if not np.isfinite(worst):
-                        bad = int((~torch.isfinite(rows)).sum())
-                        raise NnobsError(
-                            f"{site} has {bad} non-finite values; the model is numerically "
-                            "broken at this layer — try float32"
-                        )
-                    if torch_dtype == torch.float16 and worst > FLOAT16_MAX:
-                        peak = float(rows.float().abs().max())
-                        if peak > FLOAT16_MAX:
-                            raise NnobsError(
-                                f"{site} has values up to {peak:.3g}, beyond float16's range "
-                                f"({FLOAT16_MAX:.0f}); capture with dtype float32"
-                            )
-                    stored = rows.to(torch_dtype)
-                    if site not in acts:
-                        acts[site] = columns.add(f"acts/{site}", (rows.shape[1],), dtype)
-                    acts[site].write(stored.cpu().numpy())
-                    norms[site].write(norm.cpu().numpy())
-                # Checked after the sites, so a broken layer is named before its effect.
-                bad = int((~torch.isfinite(out[0])).sum())
-                if bad:
-                    raise NnobsError(
-                        f"the loss has {bad} non-finite values; the model is numerically "
-                        "broken at its output — try float32"
-                    )
-                for name, row in zip(SCALARS, out.cpu().numpy(), strict=True):
-                    scalars[name].write(row)
-            bar.update(len(valid_np))
+            _capture_batch(adapter, windows, batch, writer, edits, fused)
+            bar.update(len(windows.valid[batch]))
         seconds = time.perf_counter() - start
-        arrays = columns.arrays() if out_dir is None else {}
     stats = {
         "tokens": n,
         "windows": n_windows,
@@ -417,9 +366,18 @@ def capture(
         "bytes_on_disk": 0,
         "dtype": dtype.name,
         "sites": sites,
-        "device": str(device),
+        "device": str(adapter.device),
     }
+    return _finish(columns, out_dir, sites, stats)
+
+
+def _finish(
+    columns: _Columns, out_dir: Path | None, sites: list[str], stats: dict[str, Any]
+) -> Capture:
+    """The capture from the filled columns: arrays in RAM, or the files under ``out_dir``
+    (their metadata written last, so a partial capture never looks complete)."""
     if out_dir is None:
+        arrays = columns.arrays()
         return Capture(
             **{name: arrays[name] for name in (*SCALARS, "doc_ids")},
             acts={s: arrays[f"acts/{s}"] for s in sites},
@@ -429,5 +387,5 @@ def capture(
     stats["bytes_on_disk"] = sum(
         (out_dir / f"{name}.npy").stat().st_size for name in columns.columns
     )
-    _write_meta(out_dir, n, sites, stats)
+    _write_meta(out_dir, stats["tokens"], sites, stats)
     return Capture.load(out_dir)

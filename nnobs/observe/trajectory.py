@@ -41,26 +41,23 @@ import numpy as np
 from nnobs.core.errors import NnobsError
 from nnobs.core.rundir import RunDir
 from nnobs.data.corpus import Corpus, corpus_info, load_corpus
-from nnobs.measure import stats
-from nnobs.measure.predictors import LossMLP
-from nnobs.measure.probes import linear_scores, random_head_scores
+from nnobs.data.windows import Windows, held_out_splits
+from nnobs.measure.probes import random_head_scores
 from nnobs.models.adapter import ModelAdapter, provenance
-from nnobs.observe.capture import Windows
-from nnobs.observe.protocol import (
-    ObserveSettings,
+from nnobs.observe.attribute_probes import attribute_profile
+from nnobs.observe.settings import ObserveSettings
+from nnobs.observe.signal import candidate_layers, fit_seed_probes, pcorr
+from nnobs.observe.splits import (
     SplitData,
-    candidate_layers,
     capture_splits,
-    ci,
-    ensemble_score,
-    fit_probe,
-    fit_seed_probes,
-    held_out_splits,
+    final_site,
+    layer_sites,
+    model_context,
     model_trained_on,
-    pcorr,
-    seed_summary,
-    split_windows,
+    token_windows,
 )
+from nnobs.observe.stages import evaluate_on_test, layer_profile, output_control
+from nnobs.observe.trajectory_summary import cka_to_final, collapse_verdict, random_init_floor
 
 SCHEMA = "nnobs.trajectory"
 SCHEMA_VERSION = 1
@@ -155,7 +152,7 @@ class TrajectoryObserver:
             getattr(adapter.tokenizer, "fingerprint", None),
             adapter.d_model,
             adapter.n_layers,
-            adapter.provenance.get("max_seq_len") or adapter.provenance.get("context_length"),
+            model_context(adapter),
         )
         if self._windows is not None:
             if key != self._key:
@@ -169,14 +166,14 @@ class TrajectoryObserver:
             self.corpus, model_trained_on(adapter, self.corpus)
         )
         try:
-            self._windows = split_windows(
+            self._windows = token_windows(
                 adapter, self._docs, self.settings, self.settings.doc_tokens
             )
         except NnobsError:
             if self.settings.doc_tokens is None:
                 raise
             # Too few documents to fill the budget at doc_tokens each: take whole documents.
-            self._windows = split_windows(adapter, self._docs, self.settings)
+            self._windows = token_windows(adapter, self._docs, self.settings)
             self._policy += "; too few documents for the doc_tokens cap, so none was applied"
         self._key = key
         self.shared_seconds += time.perf_counter() - start
@@ -188,7 +185,11 @@ class TrajectoryObserver:
         windows = self._prepare(adapter)
         splits = splits or list(windows)
         if fraction < 1:
-            windows = {s: _head(w, fraction) for s, w in windows.items()}
+            # A prefix, so shrunk checkpoints keep the tokens full ones start with (CKA
+            # compares the same tokens).
+            windows = {
+                s: w.head(math.ceil(fraction * len(w.input_ids))) for s, w in windows.items()
+            }
         n_tokens = sum(windows[s].n_tokens for s in splits)
         size = n_tokens * len(sites) * adapter.d_model * 2
         work_dir = None if size < _IN_MEMORY_BYTES else self.work / "capture"
@@ -196,11 +197,6 @@ class TrajectoryObserver:
         return capture_splits(
             adapter, docs, sites, self.settings, work_dir, self.progress, windows=windows
         )
-
-    def _sites(self, adapter: ModelAdapter) -> dict[int, str]:
-        layers = self.settings.layers
-        layers = list(range(adapter.n_layers)) if layers is None else layers
-        return {layer: adapter.site_name(layer, self.settings.site_kind) for layer in layers}
 
     # ----------------------------------------------------------------------- measure
 
@@ -229,7 +225,7 @@ class TrajectoryObserver:
         if val is None:
             self.log(f"step {step}: not measured ({record['note']})")
         else:
-            self._keep_cka_sample(step, val, self._sites(adapter))
+            self._keep_cka_sample(step, val, layer_sites(adapter, self.settings))
         self.records[step] = record
         return record
 
@@ -242,8 +238,8 @@ class TrajectoryObserver:
         adapter.model.eval()
         s = self.settings
         device = str(adapter.device)
-        sites = self._sites(adapter)
-        last_site = adapter.site_name(adapter.n_layers - 1, "resid_post")
+        sites = layer_sites(adapter, self.settings)
+        last_site = final_site(adapter)
         try:
             data = self._capture(
                 adapter, list(dict.fromkeys([*sites.values(), last_site])), fraction
@@ -251,36 +247,18 @@ class TrajectoryObserver:
             train, val, test = data["train"], data["validation"], data["test"]
             record["tokens"] = {name: split.n for name, split in data.items()}
             record["capture_val_loss"] = float(np.mean(val.cap.loss))
-            record["layers"] = self._profile(train, val, sites, device)
+            record["layers"] = layer_profile(train, val, sites, s, device)
             measured = [r for r in record["layers"] if r["pcorr"] is not None]
             layer = candidate_layers(measured, adapter.n_layers, s)[0]
             site = sites[layer]
             probes = fit_seed_probes(train, site, s.seeds, device)
+            record["best"], _, score = evaluate_on_test(
+                probes, test, layer, site, s, agreement=True
+            )
+            record["output_controlled"] = output_control(
+                train, test, site, last_site, score, s.n_boot, device
+            )
             X = test.acts(site)
-            scores = linear_scores(probes, X)
-            per_seed = pcorr(scores, test, site)
-            score = ensemble_score(scores)
-            loss, cov = test.cap.loss, test.covariates(site)
-            record["best"] = {
-                "layer": layer,
-                "site": site,
-                "split": "test",
-                "seeds": list(s.seeds),
-                "per_seed": per_seed,
-                **seed_summary(per_seed),
-                "seed_agreement": stats.seed_agreement(scores.T),
-                "ensemble": pcorr(score, test, site),
-                "ensemble_ci95": ci(score, test, cov, s.n_boot),
-            }
-            oc_model = LossMLP(seed=0, device=device).fit(train.acts(last_site), train.cap.loss)
-            oc_pred = oc_model.predict(test.acts(last_site))
-            with_oc = test.covariates(site, oc_pred)
-            record["output_controlled"] = {
-                "site": last_site,
-                "predictor_r2_test": float(1 - np.mean((loss - oc_pred) ** 2) / np.var(loss)),
-                "ensemble": pcorr(score, test, site, oc_pred),
-                "ensemble_ci95": ci(score, test, with_oc, s.n_boot),
-            }
             values = np.abs(pcorr(random_head_scores(X, s.random_heads), test, site))
             record["random_head"] = {
                 "n": s.random_heads,
@@ -288,64 +266,14 @@ class TrajectoryObserver:
                 "abs_values": values.tolist(),
             }
             if s.attributes:
-                record["attributes"] = self._attributes(adapter, sites)
+                record["attributes"] = attribute_profile(
+                    adapter, self._docs, list(sites.values()), s
+                )
         except NnobsError as err:
             record.update(status="failed", note=str(err))
             val = None
         record["seconds"] = round(time.perf_counter() - start, 3)
         return val
-
-    def _profile(
-        self, train: SplitData, val: SplitData, sites: dict[int, str], device: str
-    ) -> list[dict[str, Any]]:
-        """Sweep probe per layer: validation pcorr with its cluster-bootstrap CI.
-
-        A layer where the statistic is undefined (e.g. a collapsed, constant representation)
-        gets ``pcorr: null`` and the reason; the other layers are still measured.
-        """
-        rows = []
-        for layer, site in sites.items():
-            row: dict[str, Any] = {"layer": layer, "site": site}
-            try:
-                probe = fit_probe(train, site, self.settings.sweep_seed, False, device)
-                score = probe.decision_function(val.acts(site))
-                cov = val.covariates(site)
-                row.update(
-                    pcorr=pcorr(score, val, site),
-                    ci95=ci(score, val, cov, self.settings.n_boot),
-                    spearman=stats.partial_spearman(score, val.cap.loss),
-                )
-            except NnobsError as err:
-                row.update(pcorr=None, ci95=None, spearman=None, note=str(err))
-            rows.append(row)
-        if all(r["pcorr"] is None for r in rows):
-            raise NnobsError(f"no layer could be measured ({rows[0]['note']})")
-        return rows
-
-    def _attributes(self, adapter: ModelAdapter, sites: dict[int, str]) -> dict[str, Any]:
-        """Attribute probes per layer (probe-train documents → test documents), compacted to
-        one list per statistic with one value per layer."""
-        from nnobs.observe.attribute_probes import attribute_dataset, probe_attributes
-
-        budget = self.settings.ex_per_dim * adapter.d_model
-        data = {
-            split: attribute_dataset(
-                adapter,
-                self._docs[split],
-                list(sites.values()),
-                budget,
-                self.settings.seq_len,
-                seed=self.settings.window_seed,
-                batch_size=self.settings.batch_size,
-            )
-            for split in ("train", "test")
-        }
-        result = probe_attributes(data["train"], data["test"])
-        keys = ("accuracy", "control_accuracy", "selectivity", "majority_baseline")
-        return {
-            name: {key: [attr["sites"][site].get(key) for site in sites.values()] for key in keys}
-            for name, attr in result["attributes"].items()
-        }
 
     def skip(self, step: int, reason: str, meta: dict[str, Any] | None = None) -> None:
         """Record a checkpoint that was not measured, and why."""
@@ -375,31 +303,11 @@ class TrajectoryObserver:
     # -------------------------------------------------------------------- assemble
 
     def floor(self) -> dict[str, Any] | None:
-        """pcorr where no learned signal can exist: the randomly initialised model (step 0, or
-        :meth:`observe_random_init`), probed at every layer and read by random heads at its
-        best layer; the floor is the 95% quantile of those |pcorr|.
-
-        Random heads on *trained* checkpoints are not pooled in: random directions of a trained
-        residual stream carry learned structure (their |pcorr| grows with training), so they
-        are a baseline for the probe, reported per checkpoint, not a null for the signal.
-        """
-        init = self.random_init
+        """The detection floor (:func:`random_init_floor`) from the step-0 checkpoint, else
+        from :meth:`observe_random_init`."""
         if 0 in self.records:
-            init = {"source": "step 0 checkpoint", **self.records[0]}
-        if init is None or init.get("status") == "failed" or "random_head" not in init:
-            return None
-        layer_values = np.abs([r["pcorr"] for r in init["layers"] if r["pcorr"] is not None])
-        summary = stats.detection_floor(
-            np.concatenate([layer_values, init["random_head"]["abs_values"]])
-        )
-        return {
-            "value": summary["floor"],
-            "quantile": summary["quantile"],
-            "n_null": summary["n"],
-            "source": init["source"],
-            "random_init_per_layer": [r["pcorr"] for r in init["layers"]],
-            "random_init_heads_abs_q95": init["random_head"]["abs_q95"],
-        }
+            return random_init_floor({"source": "step 0 checkpoint", **self.records[0]})
+        return random_init_floor(self.random_init)
 
     def observed(self) -> list[dict[str, Any]]:
         return [
@@ -407,67 +315,35 @@ class TrajectoryObserver:
         ]
 
     def cka(self) -> dict[str, Any] | None:
-        """CKA of every layer to the same layer at the last observed step, and that step's
-        layer × layer matrix; fills ``cka_to_final`` in each record."""
-        from nnobs.measure.cka import cka_matrix, linear_cka
-
+        """CKA to the last observed step (:func:`cka_to_final`); fills ``cka_to_final`` in
+        each observed record."""
         steps = [r["step"] for r in self.observed() if r["step"] in self._cka_files]
-        if not steps:
+        found = cka_to_final({step: self._cka_files[step] for step in steps})
+        if found is None:
             return None
-        ref = self._cka_files[steps[-1]]
-        ref_acts = {layer: np.load(path) for layer, path in ref.items()}
-        for step in steps:
-            row = []
-            for layer, path in self._cka_files[step].items():
-                X, Y = np.load(path), ref_acts[layer]
-                n = min(len(X), len(Y))
-                row.append(linear_cka(X[:n], Y[:n]))
+        rows, matrix = found
+        for step, row in rows.items():
             self.records[step]["cka_to_final"] = row
-        names, _, matrix = cka_matrix({str(k): v for k, v in ref_acts.items()})
-        return {
-            "method": "linear",
-            "reference_step": steps[-1],
-            "tokens": int(min(len(a) for a in ref_acts.values())),
-            "split": "validation",
-            "layers": [int(n) for n in names],
-            "matrix": matrix.tolist(),
-        }
+        return matrix
 
     def document(
         self, loss_curve: list[dict[str, Any]], *, mode: str, run: dict[str, Any] | None = None
     ) -> dict[str, Any]:
         """The trajectory result so far (plain data, schema ``nnobs.trajectory``)."""
-        from nnobs.observe.collapse import detect_collapse
-
         floor = self.floor()
         cka = self.cka()
         observed = self.observed()
         collapse = None
         if floor is not None and len(observed) >= 2:
-            # The trainer's validation loss where every step has one; else the mean loss on
-            # the probe's validation tokens, which every measured checkpoint has.
-            key = "val_loss" if all(r["val_loss"] is not None for r in observed) else None
-            collapse = detect_collapse(
-                steps=[r["step"] for r in observed],
-                val_loss=[r[key or "capture_val_loss"] for r in observed],
-                pcorr={
-                    layer["layer"]: [_signal(r["layers"][i])[0] for r in observed]
-                    for i, layer in enumerate(observed[0]["layers"])
-                },
-                floor=floor["value"],
-                ci_low={
-                    layer["layer"]: [_signal(r["layers"][i])[1] for r in observed]
-                    for i, layer in enumerate(observed[0]["layers"])
-                },
-            )
-            collapse["loss"] = "trainer validation loss" if key else "probe validation tokens"
+            collapse = collapse_verdict(observed, floor["value"])
         tokens = None
         if self._windows is not None:
+            budget = self.settings.token_budget(self._model["d_model"])
             tokens = {
                 split: {
                     "tokens": w.n_tokens,
                     "documents": int(len(np.unique(w.doc_ids))),
-                    "budget": self.settings.ex_per_dim * self._model["d_model"],
+                    "budget": budget,
                 }
                 for split, w in self._windows.items()
             }
@@ -493,24 +369,6 @@ class TrajectoryObserver:
                 "checkpoints": round(float(sum(seconds)), 3),
             },
         }
-
-
-def _signal(row: dict[str, Any]) -> tuple[float, float]:
-    """(pcorr, CI low) of a layer for collapse detection: an undefined statistic (a constant
-    representation) carries no readable signal and counts as 0; a percentile interval from few
-    documents can sit above its estimate, so its low end is capped there."""
-    if row["pcorr"] is None:
-        return 0.0, 0.0
-    return row["pcorr"], min(row["ci95"][0], row["pcorr"])
-
-
-def _head(windows: Windows, fraction: float) -> Windows:
-    """The first ``fraction`` of the windows: a prefix, so shrunk checkpoints keep the
-    tokens that full ones start with (CKA compares the same tokens)."""
-    k = max(1, math.ceil(fraction * len(windows.input_ids)))
-    return Windows(
-        windows.input_ids[:k], windows.targets[:k], windows.valid[:k], windows.doc_ids[:k]
-    )
 
 
 def _base_record(step: int, meta: dict[str, Any] | None) -> dict[str, Any]:
