@@ -237,7 +237,20 @@ def test_direction_intervention_reports_later_layer_signal(adapter):
     direction = np.random.default_rng(1).normal(size=32)
     doc = direction_intervention(adapter, 0, direction, w, probes=probes, n_boot=20)
     (row,) = doc["direction"]["later_layers"]
-    assert row["layer"] == 1 and -1 <= row["pcorr_before"] <= 1 and -1 <= row["pcorr_after"] <= 1
+    assert row["layer"] == 1
+    # Each reported pcorr is the protocol's statistic of the layer-1 probe on these windows,
+    # without and with the direction projected out at layer 0: recompute both from the model.
+    from nnobs.measure.stats import partial_spearman
+
+    removed = project_out(make_target(adapter, "blocks.0.resid_post", direction=direction))
+    for key, edits in (("pcorr_before", {}), ("pcorr_after", {"blocks.0.resid_post": removed})):
+        logits, cache = adapter.run_with_cache(w, ["blocks.1.resid_post"], edits=edits)
+        logits = logits[:, :-1].float().flatten(0, 1)
+        loss = torch.nn.functional.cross_entropy(logits, w[:, 1:].flatten(), reduction="none")
+        h = cache["blocks.1.resid_post"][:, :-1].float().flatten(0, 1).numpy()
+        covariates = np.column_stack([logits.softmax(-1).amax(-1), np.linalg.norm(h, axis=1)])
+        expected = partial_spearman(h @ probes[1], loss.numpy(), covariates)
+        assert row[key] == pytest.approx(expected, abs=1e-6)
     assert row["pcorr_before"] != row["pcorr_after"]
     with pytest.raises(NnobsError, match="not after the intervention layer"):
         direction_intervention(adapter, 1, direction, w, probes=probes)
