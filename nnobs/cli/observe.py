@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from nnobs.cli.common import int_list, subcommand
+from nnobs.core.rundir import RunDir
 
 EPILOG = """\
 examples:
@@ -105,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         out = Path(args.out)
     elif model_path.exists():
-        out = model_path / "observe"
+        out = RunDir(model_path).observe_dir
     else:
         out = Path("runs") / f"observe-{args.model.replace('/', '--')}"
     domain2 = None if args.domain2 == "none" else args.domain2
@@ -138,7 +139,7 @@ def run_trajectory(args: argparse.Namespace) -> int:
         n_boot=args.n_boot or defaults.n_boot,
         attributes=args.attributes,
     )
-    out = Path(args.out) if args.out else Path(args.model) / "trajectory"
+    out = Path(args.out) if args.out else RunDir(args.model).trajectory_dir
     result = observe_run(
         args.model,
         corpus=args.corpus,

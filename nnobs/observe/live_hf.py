@@ -108,20 +108,20 @@ def _callback_class() -> type:
         corpus's validation and test documents, as for a model trained on its training split.
         """
 
-        def on_train_begin(self, args, state, control, model=None, **kwargs):
+        def on_train_begin(self, args, state, control, model=None, **kwargs) -> None:
             self._t0 = time.perf_counter()
             if state.global_step == 0:
                 self.observe(args, state, model)
 
-        def on_save(self, args, state, control, model=None, **kwargs):
+        def on_save(self, args, state, control, model=None, **kwargs) -> None:
             if self.steps is None:
                 self.observe(args, state, model)
 
-        def on_step_end(self, args, state, control, model=None, **kwargs):
+        def on_step_end(self, args, state, control, model=None, **kwargs) -> None:
             if self.steps is not None and state.global_step in self.steps:
                 self.observe(args, state, model)
 
-        def on_train_end(self, args, state, control, model=None, **kwargs):
+        def on_train_end(self, args, state, control, model=None, **kwargs) -> None:
             self.live.close()
 
     return HFObservabilityCallback

@@ -185,7 +185,9 @@ class _Objective(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor):
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return self.model.training_loss(idx, targets)
 
 
