@@ -15,12 +15,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from reference_probe import ReferenceAdamProbe
 
-from nnobs.measure.probes import LinearProbe
+from nnobs.measure.probes import BinaryProbe, LinearProbe
 
 EXAMPLES_PER_DIM = 350
 
@@ -37,7 +38,14 @@ def synthetic(n: int, d: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(X, dtype=np.float32), y.astype(np.float32)
 
 
-def run(probe_factory, Xtr, ytr, Xte, yte, repeats: int) -> dict:
+def run(
+    probe_factory: Callable[[], BinaryProbe],
+    Xtr: np.ndarray,
+    ytr: np.ndarray,
+    Xte: np.ndarray,
+    yte: np.ndarray,
+    repeats: int,
+) -> dict:
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()

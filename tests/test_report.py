@@ -18,7 +18,8 @@ from nnobs.core.results import validate
 from nnobs.observe.study_config import parse_study, variant_configs
 from nnobs.observe.study_summary import assemble
 from nnobs.observe.trajectory import TrajectorySettings, observe_run
-from nnobs.report.html import render_report, variant_verdict_text
+from nnobs.report.html import render_report
+from nnobs.report.study_page import variant_verdict_text
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 TINY = TrajectorySettings(ex_per_dim=10, doc_tokens=64, seeds=[43, 44], n_boot=50, random_heads=20)

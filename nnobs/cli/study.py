@@ -49,7 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from nnobs.observe.study import run_study
     from nnobs.observe.study_config import load_study_config
-    from nnobs.report.html import variant_verdict_text
+    from nnobs.report.study_page import variant_verdict_text
 
     cfg = load_study_config(args.preset, args.config)
     out = Path(args.out) if args.out else Path("runs") / f"study-{cfg.name}"

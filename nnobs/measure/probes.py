@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 import torch
@@ -224,7 +225,7 @@ def fit_resampled(
     y: np.ndarray,
     seeds: Sequence[int],
     groups: np.ndarray | None = None,
-    **params,
+    **params: Any,
 ) -> list[LinearProbe]:
     """``[LinearProbe(seed=s, **params).fit(X, y, groups) for s in seeds]``, sharing the work
     that does not depend on the seed.
