@@ -223,7 +223,7 @@ def project_out(target: Target) -> Edit:
     return replace_edit(target, 0.0)
 
 
-def result_document(adapter: ModelAdapter, kind: str, settings: dict, **body) -> dict:
+def result_document(adapter: ModelAdapter, kind: str, settings: dict, **body: object) -> dict:
     """A result document of ``kind`` (ablation, direction, patching, attribution) with the
     model's provenance; validated against ``core/schemas/interventions.schema.json`` on write."""
     from nnobs.models.adapter import provenance
