@@ -8,11 +8,11 @@ from nnobs.core.errors import NnobsError
 from nnobs.core.results import schema_for, to_plain
 from nnobs.data.tasks import load_task
 from nnobs.data.tokenizer import byte_tokenizer
-from nnobs.interventions.ablation import (
-    ablate,
+from nnobs.data.windows import Windows, make_windows
+from nnobs.interventions.ablation import AblationSettings, ablate, mean_activations
+from nnobs.interventions.direction import (
     direction_intervention,
     fit_layer_probes,
-    mean_activations,
     probe_from_observe,
 )
 from nnobs.interventions.targets import make_target, project_out, replace_edit, scale_edit
@@ -29,6 +29,11 @@ def tiny(seed=0, **knobs):
 
 def windows(n=6, t=12, seed=1):
     return torch.randint(0, 256, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+def as_windows(rows: torch.Tensor) -> Windows:
+    """Each row as one document cut into one window: every token after its first is scored."""
+    return make_windows(list(rows.numpy()), seq_len=rows.shape[1] - 1)
 
 
 def valid(doc):
@@ -114,13 +119,22 @@ def test_ablating_an_unused_component_changes_nothing(mode, task, tmp_path):
     for site, heads in [("blocks.1.mlp_out", None), ("blocks.0.head_out", [1])]:
         target = make_target(adapter, site, heads=heads)
         doc = ablate(
-            adapter, target, mode, task=task, reference=windows(), cache_dir=tmp_path, n_boot=50
+            adapter,
+            target,
+            mode,
+            AblationSettings(n_boot=50),
+            task=task,
+            reference=windows(),
+            cache_dir=tmp_path,
         )
         r = doc["ablation"]
         assert r["delta"] == 0.0 and r["per_example"]["base"] == r["per_example"]["ablated"]
         valid(doc)
     used = make_target(adapter, "blocks.0.head_out", heads=[0])
-    assert ablate(adapter, used, "zero", task=task, n_boot=50)["ablation"]["delta"] != 0
+    assert (
+        ablate(adapter, used, "zero", AblationSettings(n_boot=50), task=task)["ablation"]["delta"]
+        != 0
+    )
 
 
 def test_ablating_a_used_component_changes_output_by_the_hand_computed_amount(task, tmp_path):
@@ -132,7 +146,15 @@ def test_ablating_a_used_component_changes_output_by_the_hand_computed_amount(ta
     ref = windows(n=5, t=10, seed=7)
     means, _ = mean_activations(adapter, [target.site], ref, cache_dir=tmp_path)
     for mode, replacement in [("zero", torch.zeros(32)), ("mean", means[target.site])]:
-        doc = ablate(adapter, target, mode, task=task, reference=ref, cache_dir=tmp_path, n_boot=50)
+        doc = ablate(
+            adapter,
+            target,
+            mode,
+            AblationSettings(n_boot=50),
+            task=task,
+            reference=ref,
+            cache_dir=tmp_path,
+        )
         per = doc["ablation"]["per_example"]
         for k, i in enumerate(per["index"]):
             ids = torch.tensor([task.clean[i]])
@@ -144,7 +166,8 @@ def test_ablating_a_used_component_changes_output_by_the_hand_computed_amount(ta
 
 
 def test_loss_ablation_with_bootstrap_interval(adapter):
-    doc = ablate(adapter, make_target(adapter, "blocks.0.attn_out"), windows=windows(), n_boot=200)
+    target = make_target(adapter, "blocks.0.attn_out")
+    doc = ablate(adapter, target, "zero", AblationSettings(n_boot=200), windows=windows())
     r = doc["ablation"]
     assert r["measure"] == "loss" and r["n_examples"] == 6
     deltas = np.array(r["per_example"]["ablated"]) - np.array(r["per_example"]["base"])
@@ -162,7 +185,7 @@ def test_loss_ablation_with_bootstrap_interval(adapter):
 def test_resample_replaces_with_another_example(adapter):
     w = windows(n=4)
     target = make_target(adapter, "embed")
-    doc = ablate(adapter, target, "resample", windows=w, seed=5, n_boot=20)
+    doc = ablate(adapter, target, "resample", AblationSettings(seed=5, n_boot=20), windows=w)
     # Replacing the whole embedding with another window's makes the model see that window:
     # each ablated loss is the loss of another window's predictions scored on this one's
     # targets, never this window's own.
@@ -218,24 +241,28 @@ def test_direction_intervention_project_out_and_scale(adapter):
     rng = np.random.default_rng(0)
     direction = rng.normal(size=32)
     w = windows(n=6, t=16, seed=11)
-    doc = direction_intervention(adapter, 0, direction, w, n_boot=100)
+    doc = direction_intervention(adapter, 0, direction, as_windows(w), AblationSettings(n_boot=100))
     d = doc["direction"]
     assert d["component"]["before"] > 0.01 and d["component"]["after"] < 1e-5
     assert d["loss"]["delta"] != 0 and d["later_layers"] == []
     valid(doc)
-    same = direction_intervention(adapter, 0, direction, w, mode="scale", factor=1.0, n_boot=20)
+    same = direction_intervention(
+        adapter, 0, direction, as_windows(w), AblationSettings(n_boot=20), mode="scale", factor=1.0
+    )
     assert same["direction"]["loss"]["delta"] == 0.0
     assert same["direction"]["max_softmax"]["delta"] == 0.0
     with pytest.raises(NnobsError, match="unknown direction mode"):
-        direction_intervention(adapter, 0, direction, w, mode="rotate")
+        direction_intervention(adapter, 0, direction, as_windows(w), mode="rotate")
 
 
 def test_direction_intervention_reports_later_layer_signal(adapter):
     ref, w = windows(n=8, t=24, seed=12), windows(n=8, t=24, seed=13)
-    probes = fit_layer_probes(adapter, [1], ref)
+    probes = fit_layer_probes(adapter, [1], as_windows(ref))
     assert probes[1].shape == (32,) and np.linalg.norm(probes[1]) == pytest.approx(1.0)
     direction = np.random.default_rng(1).normal(size=32)
-    doc = direction_intervention(adapter, 0, direction, w, probes=probes, n_boot=20)
+    doc = direction_intervention(
+        adapter, 0, direction, as_windows(w), AblationSettings(n_boot=20), probes=probes
+    )
     (row,) = doc["direction"]["later_layers"]
     assert row["layer"] == 1
     # Each reported pcorr is the protocol's statistic of the layer-1 probe on these windows,
@@ -253,7 +280,7 @@ def test_direction_intervention_reports_later_layer_signal(adapter):
         assert row[key] == pytest.approx(expected, abs=1e-6)
     assert row["pcorr_before"] != row["pcorr_after"]
     with pytest.raises(NnobsError, match="not after the intervention layer"):
-        direction_intervention(adapter, 1, direction, w, probes=probes)
+        direction_intervention(adapter, 1, direction, as_windows(w), probes=probes)
 
 
 def test_probe_from_observe_reads_the_layer_and_direction():

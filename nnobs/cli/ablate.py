@@ -21,6 +21,7 @@ from nnobs.cli.common import (
 from nnobs.core.errors import NnobsError
 
 if TYPE_CHECKING:
+    from nnobs.interventions.ablation import AblationSettings
     from nnobs.models.adapter import ModelAdapter
 
 EPILOG = """\
@@ -84,25 +85,31 @@ def run(args: argparse.Namespace) -> int:
 
     adapter = load_adapter(args)
     length = _window_len(adapter, args.window_len)
-    need_reference = args.mode == "mean" or args.later_probes
+    if args.direction_from:
+        return _run_direction(args, adapter, length)
     reference, reference_info = (
         corpus_windows(
             adapter.tokenizer, args.corpus, args.reference_split, args.reference_windows, length
         )
-        if need_reference
+        if args.mode == "mean"
         else (None, None)
     )
-    if args.direction_from:
-        return _run_direction(args, adapter, length, reference)
     return _run_site(args, adapter, length, reference, reference_info)
 
 
-def _run_direction(args: argparse.Namespace, adapter: ModelAdapter, length: int, reference) -> int:
+def _settings(args: argparse.Namespace) -> AblationSettings:
+    """The ablation's knobs from the command line."""
+    from nnobs.interventions.ablation import AblationSettings
+
+    return AblationSettings(seed=args.seed, n_boot=args.n_boot, batch_size=args.batch_size)
+
+
+def _run_direction(args: argparse.Namespace, adapter: ModelAdapter, length: int) -> int:
     """--direction-from: project out (or scale) an observe result's probe direction."""
     from nnobs.core.results import load_result, write_result
-    from nnobs.interventions.ablation import (
-        corpus_windows,
+    from nnobs.interventions.direction import (
         direction_intervention,
+        direction_windows,
         fit_layer_probes,
         probe_from_observe,
     )
@@ -110,20 +117,23 @@ def _run_direction(args: argparse.Namespace, adapter: ModelAdapter, length: int,
     if args.task:
         raise NnobsError("--direction-from measures loss on corpus windows: drop --task")
     layer, direction = probe_from_observe(load_result(args.direction_from))
-    windows, _ = corpus_windows(adapter.tokenizer, args.corpus, args.split, args.windows, length)
+    tok = adapter.tokenizer
+    windows = direction_windows(tok, args.corpus, args.split, args.windows, length)
     later = list(range(layer + 1, adapter.n_layers))
-    probes = fit_layer_probes(adapter, later, reference) if args.later_probes and later else None
+    probes = None
+    if args.later_probes and later:
+        split, n_windows = args.reference_split, args.reference_windows
+        reference = direction_windows(tok, args.corpus, split, n_windows, length)
+        probes = fit_layer_probes(adapter, later, reference, args.batch_size)
     result = direction_intervention(
         adapter,
         layer,
         direction,
         windows,
+        _settings(args),
         mode=args.direction_mode,
         factor=args.factor,
         probes=probes,
-        seed=args.seed,
-        n_boot=args.n_boot,
-        batch_size=args.batch_size,
     )
     path = write_result(Path(args.out) / "direction.json", result)
     loss = result["direction"]["loss"]
@@ -157,13 +167,11 @@ def _run_site(
         adapter,
         target,
         args.mode,
+        _settings(args),
         task=task,
         windows=windows,
         reference=reference,
         reference_info=reference_info,
-        seed=args.seed,
-        n_boot=args.n_boot,
-        batch_size=args.batch_size,
     )
     path = write_result(Path(args.out) / "ablate.json", result)
     r = result["ablation"]

@@ -6,9 +6,7 @@ on another input (another window of the corpus, or another task item of the same
 The measure is the change in next-token loss on corpus windows, or in a task's logit
 difference, with a bootstrap interval over examples (windows or items).
 
-:func:`direction_intervention` is the causal test of the decision-quality probe: project its
-direction out of the residual stream (or scale it) at the probe's layer, and report what
-happens to the loss, to the model's confidence and to the signal at later layers.
+The direction test of the decision-quality probe is :mod:`nnobs.interventions.direction`.
 """
 
 from __future__ import annotations
@@ -16,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,21 +25,16 @@ from safetensors.torch import load_file, save_file
 
 from nnobs.core.errors import NnobsError
 from nnobs.core.files import atomic_path, write_json
+from nnobs.data.corpus import default_cache_dir, load_corpus
+from nnobs.data.encoding import token_stream
 from nnobs.data.tasks import EncodedTask
-from nnobs.interventions.targets import (
-    Target,
-    make_target,
-    position_axis,
-    project_out,
-    replace_edit,
-    result_document,
-    scale_edit,
-)
+from nnobs.data.tokenizer import Tokenizer
+from nnobs.data.windows import Windows
+from nnobs.interventions.targets import Target, position_axis, replace_edit, result_document
 from nnobs.measure import stats
-from nnobs.models.adapter import Edit, ModelAdapter
+from nnobs.models.adapter import ModelAdapter
 
 MODES = ("zero", "mean", "resample")
-DIRECTION_MODES = ("project_out", "scale")
 
 
 # ------------------------------------------------------------------------- mean cache
@@ -62,8 +56,6 @@ def tokens_fingerprint(tokens: torch.Tensor | np.ndarray) -> str:
 
 
 def default_means_dir() -> Path:
-    from nnobs.data.corpus import default_cache_dir
-
     return default_cache_dir() / "means"
 
 
@@ -190,7 +182,8 @@ def _measure(adapter, ids, answers, edits) -> np.ndarray:
     return (last[rows, answers[:, 0]] - last[rows, answers[:, 1]]).numpy()
 
 
-def _summary(base: np.ndarray, new: np.ndarray, n_boot: int, seed: int) -> dict:
+def change_summary(base: np.ndarray, new: np.ndarray, n_boot: int, seed: int) -> dict[str, Any]:
+    """Mean before and after, and the mean per-example change with its bootstrap interval."""
     delta = new - base
     lo, hi = (
         stats.bootstrap_ci(np.mean, delta, n_boot=n_boot, seed=seed)
@@ -205,19 +198,34 @@ def _summary(base: np.ndarray, new: np.ndarray, n_boot: int, seed: int) -> dict:
     }
 
 
+@dataclass(frozen=True)
+class AblationSettings:
+    """Every choice an ablation or a direction test makes besides what it removes; stored in
+    the result. ``seed``: resampling and the bootstrap; ``n_boot``: bootstrap resamples of
+    each interval; ``batch_size``: rows per forward pass."""
+
+    seed: int = 0
+    n_boot: int = 1000
+    batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise NnobsError(f"batch_size must be a positive integer, got {self.batch_size}")
+        if self.n_boot < 1:
+            raise NnobsError(f"n_boot must be a positive integer, got {self.n_boot}")
+
+
 def ablate(
     adapter: ModelAdapter,
     target: Target,
     mode: str = "zero",
+    settings: AblationSettings | None = None,
     *,
     task: EncodedTask | None = None,
     windows: torch.Tensor | np.ndarray | None = None,
     reference: torch.Tensor | np.ndarray | None = None,
     reference_info: dict | None = None,
     cache_dir: str | Path | None = None,
-    seed: int = 0,
-    n_boot: int = 1000,
-    batch_size: int = 16,
 ) -> dict:
     """Ablate ``target`` and measure the change, per example and on average.
 
@@ -227,6 +235,7 @@ def ablate(
     each example's replacement from another example of the same length (a random
     derangement, seeded), dropping examples that have none. Returns a result document.
     """
+    settings = settings or AblationSettings()
     if mode not in MODES:
         raise NnobsError(f"unknown ablation mode {mode!r}: choose one of {', '.join(MODES)}")
     if position_axis(target.site) != 1:
@@ -242,14 +251,32 @@ def ablate(
             adapter, [target.site], reference, reference_info=reference_info, cache_dir=cache_dir
         )
         replacement = means[target.site]
-    rng = np.random.default_rng(seed)
+    measured = _ablated_examples(adapter, target, mode, groups, replacement, settings)
+    result = _ablation_result(target, mode, task is not None, measured, settings)
+    data = {"task": task.describe()} if task is not None else {"windows": windows_info(windows_t)}
+    return result_document(
+        adapter, "ablation", asdict(settings), **data, mean_cache=mean_info, ablation=result
+    )
+
+
+def _ablated_examples(
+    adapter: ModelAdapter,
+    target: Target,
+    mode: str,
+    groups: list,
+    replacement: torch.Tensor | float,
+    settings: AblationSettings,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Each example's measure before and after the ablation: (indices, base, ablated,
+    examples dropped for want of another of the same length to resample from)."""
+    rng = np.random.default_rng(settings.seed)
     index, base, new, dropped = [], [], [], 0
     for examples, ids, answers in groups:
         if mode == "resample" and len(examples) < 2:
             dropped += len(examples)
             continue
         source = _derangement(len(examples), rng) if mode == "resample" else None
-        for rows in _batches(len(examples), batch_size):
+        for rows in _batches(len(examples), settings.batch_size):
             a = None if answers is None else answers[rows]
             if source is not None:
                 src_ids = ids[source[rows.numpy()]].to(adapter.device)
@@ -264,185 +291,47 @@ def ablate(
             "resample ablation needs at least two examples of the same token length; "
             "use more items or windows"
         )
-    base_v, new_v = np.concatenate(base), np.concatenate(new)
-    measure = "logit_diff" if task is not None else "loss"
+    return np.concatenate(index), np.concatenate(base), np.concatenate(new), dropped
+
+
+def _ablation_result(
+    target: Target,
+    mode: str,
+    on_task: bool,
+    measured: tuple[np.ndarray, np.ndarray, np.ndarray, int],
+    settings: AblationSettings,
+) -> dict[str, Any]:
+    index, base, new, dropped = measured
     result = {
-        "measure": measure,
+        "measure": "logit_diff" if on_task else "loss",
         "target": target.describe(),
         "mode": mode,
-        "n_examples": int(len(base_v)),
+        "n_examples": int(len(base)),
         "n_dropped": dropped,
-        **_summary(base_v, new_v, n_boot, seed),
-        "per_example": {
-            "index": np.concatenate(index).tolist(),
-            "base": base_v.tolist(),
-            "ablated": new_v.tolist(),
-        },
+        **change_summary(base, new, settings.n_boot, settings.seed),
+        "per_example": {"index": index.tolist(), "base": base.tolist(), "ablated": new.tolist()},
     }
-    if task is not None:
-        result["accuracy"] = {
-            "base": float((base_v > 0).mean()),
-            "ablated": float((new_v > 0).mean()),
-        }
-    settings = {"seed": seed, "n_boot": n_boot, "batch_size": batch_size}
-    data = {"task": task.describe()} if task is not None else {"windows": _windows_info(windows_t)}
-    return result_document(
-        adapter, "ablation", settings, **data, mean_cache=mean_info, ablation=result
-    )
+    if on_task:
+        result["accuracy"] = {"base": float((base > 0).mean()), "ablated": float((new > 0).mean())}
+    return result
 
 
-def _windows_info(windows: torch.Tensor) -> dict:
+def windows_info(windows: torch.Tensor | Windows) -> dict[str, Any]:
+    """How many windows of how many tokens, and a fingerprint of the tokens the model read."""
+    ids = windows.input_ids if isinstance(windows, Windows) else windows
     return {
-        "n_windows": int(windows.shape[0]),
-        "window": int(windows.shape[1]),
-        "tokens_fingerprint": tokens_fingerprint(windows),
+        "n_windows": int(ids.shape[0]),
+        "window": int(ids.shape[1]),
+        "tokens_fingerprint": tokens_fingerprint(ids),
     }
-
-
-# ------------------------------------------------------------------------- direction test
-
-
-def _pass_stats(
-    adapter: ModelAdapter,
-    windows: torch.Tensor,
-    layers: Sequence[int],
-    edits: dict,
-    batch_size: int,
-) -> dict[str, np.ndarray]:
-    """Per token (positions with a next token): loss, max softmax, and per layer the
-    residual stream after it and its norm. Per window: mean loss and mean max softmax."""
-    sites = [adapter.site_name(layer) for layer in layers]
-    out: dict[str, list] = {"loss": [], "max_softmax": [], **{s: [] for s in sites}}
-    for rows in _batches(len(windows), batch_size):
-        ids = windows[rows].to(adapter.device)
-        with torch.no_grad(), adapter.hooks(sites, edits) as cache:
-            logits = adapter.forward(ids)
-        out["loss"].append(_token_losses(logits, ids).cpu())
-        out["max_softmax"].append(logits[:, :-1].float().softmax(-1).amax(-1).cpu())
-        for s in sites:
-            out[s].append(cache[s][:, :-1].float().cpu())
-    arrays = {k: torch.cat(v).numpy() for k, v in out.items()}
-    return arrays
-
-
-def _pcorr(acts: np.ndarray, loss: np.ndarray, softmax: np.ndarray, direction) -> float:
-    h = acts.reshape(-1, acts.shape[-1])
-    norm = np.linalg.norm(h, axis=1)
-    cov = np.column_stack([softmax.reshape(-1), norm])
-    return stats.partial_spearman(h @ direction, loss.reshape(-1), cov)
-
-
-def fit_layer_probes(
-    adapter: ModelAdapter,
-    layers: Sequence[int],
-    windows: torch.Tensor | np.ndarray,
-    batch_size: int = 16,
-) -> dict[int, np.ndarray]:
-    """Decision-quality probe directions at ``layers`` fitted on ``windows`` (label: loss
-    worse than max softmax and norm predict, as in the protocol)."""
-    from nnobs.measure.probes import LinearProbe
-
-    windows = torch.as_tensor(np.asarray(windows), dtype=torch.long)
-    data = _pass_stats(adapter, windows, layers, {}, batch_size)
-    loss, softmax = data["loss"].reshape(-1), data["max_softmax"].reshape(-1)
-    probes = {}
-    for layer in layers:
-        h = data[adapter.site_name(layer)].reshape(-1, adapter.d_model)
-        cov = np.column_stack([softmax, np.linalg.norm(h, axis=1)])
-        label = stats.LossResidualizer().fit(cov, loss).residual(cov, loss) > 0
-        probes[layer] = LinearProbe(resample=False).fit(h, label).direction
-    return probes
-
-
-def direction_intervention(
-    adapter: ModelAdapter,
-    layer: int,
-    direction: np.ndarray | Sequence[float],
-    windows: torch.Tensor | np.ndarray,
-    *,
-    mode: str = "project_out",
-    factor: float = 0.0,
-    probes: dict[int, np.ndarray] | None = None,
-    seed: int = 0,
-    n_boot: int = 1000,
-    batch_size: int = 16,
-) -> dict:
-    """Remove (``project_out``) or scale (``scale`` by ``factor``) the component of the
-    residual stream after block ``layer`` along ``direction``, on every token of
-    ``windows``, and report the change in mean loss and in mean max softmax (intervals over
-    windows), and for each later layer with a probe in ``probes`` (layer -> direction) the
-    probe's pcorr before and after. Pass the observe result's ``probe.layer`` and
-    ``probe.direction`` (see :func:`probe_from_observe`).
-    """
-    if mode not in DIRECTION_MODES:
-        raise NnobsError(f"unknown direction mode {mode!r}: use {' or '.join(DIRECTION_MODES)}")
-    site = adapter.site_name(layer)
-    target = make_target(adapter, site, direction=direction)
-    edit: Edit = project_out(target) if mode == "project_out" else scale_edit(target, factor)
-    windows_t = torch.as_tensor(np.asarray(windows), dtype=torch.long)
-    _examples(None, windows_t)
-    later = sorted(probes) if probes else []
-    for l_probe in later:
-        if not layer < l_probe < adapter.n_layers:
-            raise NnobsError(
-                f"probe layer {l_probe} is not after the intervention layer {layer} "
-                f"(the model has layers 0..{adapter.n_layers - 1})"
-            )
-    layers = [layer, *later]
-    before = _pass_stats(adapter, windows_t, layers, {}, batch_size)
-    after = _pass_stats(adapter, windows_t, layers, {site: edit}, batch_size)
-    unit = target.direction.numpy()
-
-    def per_window(d: dict, key: str) -> np.ndarray:
-        return d[key].mean(1)
-
-    signal = []
-    for l_probe in later:
-        s, w = adapter.site_name(l_probe), np.asarray(probes[l_probe], dtype=np.float64)
-        signal.append(
-            {
-                "layer": l_probe,
-                "pcorr_before": _pcorr(before[s], before["loss"], before["max_softmax"], w),
-                "pcorr_after": _pcorr(after[s], after["loss"], after["max_softmax"], w),
-            }
-        )
-    result = {
-        "layer": layer,
-        "site": site,
-        "mode": mode,
-        "factor": factor if mode == "scale" else 0.0,
-        "loss": _summary(per_window(before, "loss"), per_window(after, "loss"), n_boot, seed),
-        "max_softmax": _summary(
-            per_window(before, "max_softmax"), per_window(after, "max_softmax"), n_boot, seed
-        ),
-        "component": {
-            "before": float(np.abs(before[site] @ unit).mean()),
-            "after": float(np.abs(after[site] @ unit).mean()),
-        },
-        "later_layers": signal,
-    }
-    settings = {"seed": seed, "n_boot": n_boot, "batch_size": batch_size}
-    return result_document(
-        adapter, "direction", settings, windows=_windows_info(windows_t), direction=result
-    )
-
-
-def probe_from_observe(doc: dict) -> tuple[int, np.ndarray]:
-    """The (layer, unit direction) of the probe stored in an ``nnobs observe`` result."""
-    probe = doc.get("probe") if isinstance(doc, dict) else None
-    if not isinstance(probe, dict) or "direction" not in probe or "layer" not in probe:
-        raise NnobsError("the result has no probe direction: pass an nnobs observe result")
-    return int(probe["layer"]), np.asarray(probe["direction"], dtype=np.float64)
 
 
 def corpus_windows(
-    tokenizer: Any, corpus: str, split: str, n_windows: int, length: int
+    tokenizer: Tokenizer, corpus: str, split: str, n_windows: int, length: int
 ) -> tuple[torch.Tensor, dict]:
-    """The first ``n_windows`` consecutive windows of ``length`` tokens of a corpus split,
-    and where they came from (for results and the mean cache)."""
-    from nnobs.data.corpus import load_corpus
-    from nnobs.data.encoding import token_stream
-
+    """The first ``n_windows`` consecutive windows of ``length`` tokens of a corpus split's
+    token stream (documents joined by end-of-text), and where they came from (for results and
+    the mean cache): what component ablation measures loss on and takes means over."""
     if n_windows < 1 or length < 2:
         raise NnobsError("need at least one window of at least 2 tokens")
     loaded = load_corpus(corpus)
