@@ -8,8 +8,8 @@ does not depend on the two runs meeting the same machine load.
 
 **Post hoc sharing.** On the plain run, every checkpoint is observed
 
-1. by :func:`nnobs.observe.trajectory.observe_run` (corpus, splits, tokenizer, windows and floor made
-   once; step 0 is the random-init null model);
+1. by :func:`nnobs.observe.trajectory.observe_run` (corpus, splits, tokenizer, windows and floor
+   made once; step 0 is the random-init null model);
 2. by one ``observe_run(steps=[s])`` call per checkpoint: the same tracked subset and settings,
    but each call loads the corpus, cuts its windows and measures its own random-init floor;
 3. by one ``nnobs observe --model RUN/checkpoints/step_S --domain2 none`` process per

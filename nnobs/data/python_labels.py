@@ -19,8 +19,8 @@ properties need no annotation:
 
 A model token gets the labels of its first character (byte-level tokens that start inside a
 multi-byte character get that character's). Files that ``tokenize`` rejects (or that contain
-error tokens, such as an unterminated string on Python 3.11) are skipped and counted, since
-their labels would not be exact.
+error tokens, such as an unterminated string on Python 3.11) raise
+:class:`UntokenizableSource`, since their labels would not be exact.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ class UnalignedTokens(NnobsError):
 class _Labeller:
     """Fills the per-character label arrays front to back as tokens arrive."""
 
-    def __init__(self, n: int):
+    def __init__(self, n: int) -> None:
         self.arrays = {
             "token_type": np.zeros(n, np.int8),
             "bracket_depth": np.zeros(n, np.int8),

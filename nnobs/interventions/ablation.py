@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -143,7 +143,7 @@ def _token_losses(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     )
 
 
-def _batches(n: int, batch_size: int):
+def _batches(n: int, batch_size: int) -> Iterator[torch.Tensor]:
     for start in range(0, n, batch_size):
         yield torch.arange(start, min(n, start + batch_size))
 
@@ -156,7 +156,9 @@ def _derangement(n: int, rng: np.random.Generator) -> np.ndarray:
     return perm
 
 
-def _examples(task: EncodedTask | None, windows: torch.Tensor | None):
+def _examples(
+    task: EncodedTask | None, windows: torch.Tensor | None
+) -> list[tuple[np.ndarray, torch.Tensor, torch.Tensor | None]]:
     """Groups of equal-length examples: (example indices, ids, answers or None)."""
     if (task is None) == (windows is None):
         raise NnobsError("give either a task (logit difference) or corpus windows (loss)")

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 
@@ -69,7 +70,7 @@ def attribute_dataset(
     *,
     seed: int = 0,
     batch_size: int = 16,
-    dtype: np.dtype | type = np.float32,
+    dtype: npt.DTypeLike = np.float32,
     directory: str | os.PathLike | None = None,
     progress: bool = False,
     cache_dir: Path | None = None,
@@ -125,7 +126,9 @@ class _DocumentLabels:
     windows use (``tokenize`` is slow on a whole corpus); documents that cannot be labelled
     are counted."""
 
-    def __init__(self, docs: Sequence[Document], tokenizer: Tokenizer, encoded: list[np.ndarray]):
+    def __init__(
+        self, docs: Sequence[Document], tokenizer: Tokenizer, encoded: list[np.ndarray]
+    ) -> None:
         self.docs, self.tokenizer, self.encoded = docs, tokenizer, encoded
         self.counts = {"documents": len(docs), "untokenizable": 0, "unaligned": 0}
         self.labels: dict[int, dict[str, np.ndarray]] = {}  # document -> attribute -> per token
@@ -211,7 +214,9 @@ class SoftmaxProbe:
     gradient entry at the solution; accuracies settle well before 1e-4.
     """
 
-    def __init__(self, C: float = 1.0, max_iter: int = 300, tol: float = 1e-4, device: str = "cpu"):
+    def __init__(
+        self, C: float = 1.0, max_iter: int = 300, tol: float = 1e-4, device: str = "cpu"
+    ) -> None:
         self.C = C
         self.max_iter = max_iter
         self.tol = tol
@@ -295,7 +300,9 @@ def control_labels(
     ]
 
 
-def _check_data(name: str, data: AttributeData, attributes: Sequence[str], sites: list[str]):
+def _check_data(
+    name: str, data: AttributeData, attributes: Sequence[str], sites: list[str]
+) -> None:
     n = len(data.token_ids)
     if n == 0:
         raise NnobsError(f"the {name} attribute data has no tokens; capture some first")

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from tqdm import tqdm
 
@@ -107,7 +108,9 @@ def _write_meta(directory: Path, n: int, sites: list[str], stats: dict[str, Any]
 class _Column:
     """One per-token array filled front to back: in RAM, or streamed into a ``.npy`` file."""
 
-    def __init__(self, n: int, tail: tuple[int, ...], dtype, file: BinaryIO | None) -> None:
+    def __init__(
+        self, n: int, tail: tuple[int, ...], dtype: npt.DTypeLike, file: BinaryIO | None
+    ) -> None:
         self.shape, self.dtype, self.file, self.filled = (n, *tail), np.dtype(dtype), file, 0
         if file is None:
             self.array = np.empty(self.shape, self.dtype)
@@ -131,7 +134,7 @@ class _Columns:
         self.n, self.directory, self.stack = n, directory, stack
         self.columns: dict[str, _Column] = {}
 
-    def add(self, name: str, tail: tuple[int, ...], dtype) -> _Column:
+    def add(self, name: str, tail: tuple[int, ...], dtype: npt.DTypeLike) -> _Column:
         file = None
         if self.directory is not None:
             tmp = self.stack.enter_context(atomic_path(self.directory / f"{name}.npy"))
@@ -206,7 +209,9 @@ def _output_stats(
     return out
 
 
-def _site_rows(name: str, value: torch.Tensor, batch: tuple[int, int], keep) -> torch.Tensor:
+def _site_rows(
+    name: str, value: torch.Tensor, batch: tuple[int, int], keep: torch.Tensor | None
+) -> torch.Tensor:
     if tuple(value.shape[:2]) != batch:
         raise NnobsError(
             f"site {name} has shape {tuple(value.shape)}, not (batch, pos, ...): only "
@@ -237,7 +242,9 @@ def _row_norms(site: str, rows: torch.Tensor, store: torch.dtype) -> torch.Tenso
     return norm
 
 
-def _check_request(adapter: ModelAdapter, sites: list[str], dtype: np.dtype, batch_size: int):
+def _check_request(
+    adapter: ModelAdapter, sites: list[str], dtype: np.dtype, batch_size: int
+) -> None:
     for site in sites:
         adapter.resolve(site)
         kind = SITE_KINDS[site_kind(site)]
@@ -255,7 +262,9 @@ def _check_request(adapter: ModelAdapter, sites: list[str], dtype: np.dtype, bat
 class _Writer:
     """The capture's columns, filled one batch of valid positions at a time."""
 
-    def __init__(self, columns: _Columns, windows: Windows, sites: list[str], dtype: np.dtype):
+    def __init__(
+        self, columns: _Columns, windows: Windows, sites: list[str], dtype: np.dtype
+    ) -> None:
         self.columns, self.sites, self.dtype = columns, sites, dtype
         self.store = torch.float16 if dtype == np.float16 else torch.float32
         self.scalars = {name: columns.add(name, (), np.float32) for name in SCALARS}
@@ -263,7 +272,13 @@ class _Writer:
         self.norms = {site: columns.add(f"norms/{site}", (), np.float32) for site in sites}
         self.acts: dict[str, _Column] = {}  # created at the first batch, which gives the width
 
-    def write(self, out: torch.Tensor, cache: dict[str, torch.Tensor], shape, keep) -> None:
+    def write(
+        self,
+        out: torch.Tensor,
+        cache: dict[str, torch.Tensor],
+        shape: tuple[int, int],
+        keep: torch.Tensor | None,
+    ) -> None:
         """One batch: ``out`` from :func:`_output_stats`, ``cache`` the hooked site values."""
         for site in self.sites:
             rows = _site_rows(site, cache[site], shape, keep)
@@ -315,7 +330,7 @@ def capture(
     sites: list[str],
     *,
     batch_size: int = 16,
-    dtype: np.dtype | type = np.float16,
+    dtype: npt.DTypeLike = np.float16,
     directory: str | os.PathLike | None = None,
     progress: bool = True,
     desc: str = "capture",
