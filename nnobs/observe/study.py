@@ -145,7 +145,10 @@ def _claim(cfg: StudyConfig, out: Path) -> None:
 
     previous = out / "config.json"
     resolved = to_plain(cfg.to_dict())
-    if previous.is_file() and read_json(previous, "study config") != resolved:
+    stored = read_json(previous, "study config") if previous.is_file() else None
+    if isinstance(stored, dict) and isinstance(stored.get("model"), dict):
+        stored["model"] = ModelConfig.upgrade_dict(stored["model"])  # older versions' studies
+    if stored is not None and stored != resolved:
         raise NnobsError(f"{str(out)!r} holds a different study; use a new --out or delete it")
     out.mkdir(parents=True, exist_ok=True)
     write_json(previous, resolved)
