@@ -138,7 +138,7 @@ class TrajectoryObserver:
     def __enter__(self) -> TrajectoryObserver:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def close(self) -> None:
@@ -180,7 +180,11 @@ class TrajectoryObserver:
         return self._windows
 
     def _capture(
-        self, adapter: ModelAdapter, sites: list[str], fraction: float, splits=None
+        self,
+        adapter: ModelAdapter,
+        sites: list[str],
+        fraction: float,
+        splits: list[str] | None = None,
     ) -> dict[str, SplitData]:
         windows = self._prepare(adapter)
         splits = splits or list(windows)
