@@ -119,3 +119,17 @@ def test_no_import_cycles():
         if module not in state:
             visit(module, [module])
     assert not cycles, "import cycles:\n" + "\n".join(cycles)
+
+
+def test_modules_and_functions_stay_readable():
+    """Modules of at most 500 lines and functions of at most 80: split them by idea."""
+    too_long = []
+    for module, path in MODULES.items():
+        text = path.read_text()
+        if (lines := len(text.splitlines())) > 500:
+            too_long.append(f"{module}: {lines} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                if (length := node.end_lineno - node.lineno + 1) > 80:
+                    too_long.append(f"{module}.{node.name}: {length} lines")
+    assert not too_long, "\n".join(too_long)

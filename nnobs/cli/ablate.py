@@ -56,7 +56,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--mode", choices=("zero", "mean", "resample"), default="zero")
     parser.add_argument("--corpus", default="stdlib", help="corpus for windows (default: stdlib)")
     parser.add_argument("--split", default="validation", help="split measured on")
-    parser.add_argument("--windows", type=int, default=32, help="number of corpus windows")
+    parser.add_argument(
+        "--windows",
+        type=int,
+        default=32,
+        help="number of corpus windows (with --direction-from: a budget of "
+        "--windows x --window-len scored tokens, in windows within documents)",
+    )
     parser.add_argument("--window-len", type=int, default=64, help="tokens per window")
     parser.add_argument("--reference-split", default="train", help="split the mean is taken on")
     parser.add_argument("--reference-windows", type=int, default=64, help="windows for the mean")
@@ -76,19 +82,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _window_len(adapter: ModelAdapter, requested: int) -> int:
     """--window-len, capped at the model's context length where the model states one."""
-    context = adapter.provenance.get("max_seq_len") or adapter.provenance.get("context_length")
+    context = adapter.context_length
     return min(requested, int(context)) if context else requested
 
 
 def run(args: argparse.Namespace) -> int:
-    from nnobs.interventions.ablation import corpus_windows
+    from nnobs.data.windows import stream_windows
 
     adapter = load_adapter(args)
     length = _window_len(adapter, args.window_len)
     if args.direction_from:
         return _run_direction(args, adapter, length)
     reference, reference_info = (
-        corpus_windows(
+        stream_windows(
             adapter.tokenizer, args.corpus, args.reference_split, args.reference_windows, length
         )
         if args.mode == "mean"
@@ -149,7 +155,8 @@ def _run_site(
 ) -> int:
     """--site: ablate a site (or some of its heads, neurons, positions) on a task or windows."""
     from nnobs.core.results import write_result
-    from nnobs.interventions.ablation import ablate, corpus_windows
+    from nnobs.data.windows import stream_windows
+    from nnobs.interventions.ablation import ablate
     from nnobs.interventions.targets import make_target
 
     if not args.site:
@@ -160,7 +167,7 @@ def _run_site(
     task = load_task_from_args(args, adapter, equal_length=False) if args.task else None
     windows = None
     if task is None:
-        windows, _ = corpus_windows(
+        windows, _ = stream_windows(
             adapter.tokenizer, args.corpus, args.split, args.windows, length
         )
     result = ablate(

@@ -87,7 +87,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nnobs.observe.protocol import ObserveSettings, observe_model
+    from nnobs.observe.protocol import observe_model
+    from nnobs.observe.settings import ObserveSettings
     from nnobs.report.plots import layer_profile
     from nnobs.report.summary import observe_summary
 

@@ -4,7 +4,8 @@ A window never crosses a document boundary, so every scored token is predicted f
 document. :func:`document_windows` is the policy: a token budget spread evenly over a split's
 documents (a seeded random span of each, at most the cap that still fills the budget), cut
 into windows of ``seq_len`` inputs in a seeded random document order. :func:`held_out_splits`
-chooses which documents a probe trains and is scored on.
+chooses which documents a probe trains and is scored on. :func:`stream_windows` is the
+trainer's view of a split (documents joined), for measurements of the training distribution.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from nnobs.core.errors import NnobsError
-from nnobs.data.corpus import SPLITS, Corpus, Document
-from nnobs.data.encoding import encode_documents
+from nnobs.data.corpus import SPLITS, Corpus, Document, load_corpus
+from nnobs.data.encoding import encode_documents, token_stream
 from nnobs.data.tokenizer import Tokenizer
 
 # The window length when neither the caller nor the model's context says otherwise.
@@ -237,3 +239,27 @@ def held_out_splits(corpus: Corpus, model_saw_train: bool) -> tuple[dict[str, li
         )
     policy = "model trained on this corpus: probe train/validation = halves of its validation split"
     return {"train": train, "validation": validation, "test": corpus.test}, policy
+
+
+def stream_windows(
+    tokenizer: Tokenizer, corpus: str, split: str, n_windows: int, length: int
+) -> tuple[torch.Tensor, dict]:
+    """The first ``n_windows`` consecutive windows of ``length`` tokens of a corpus split's
+    token stream, and where they came from (for results and the mean cache).
+
+    The one exception to the document policy, on purpose: these are windows as the trainer
+    reads them (documents joined by end-of-text), the pretraining distribution that component
+    ablation takes its means over and measures loss on.
+    """
+    if n_windows < 1 or length < 2:
+        raise NnobsError("need at least one window of at least 2 tokens")
+    loaded = load_corpus(corpus)
+    stream = token_stream(loaded.split(split), tokenizer)
+    if len(stream) < n_windows * length:
+        raise NnobsError(
+            f"the {split} split of {corpus!r} has {len(stream)} tokens, fewer than "
+            f"{n_windows} windows of {length}: ask for fewer or shorter windows"
+        )
+    windows = torch.from_numpy(stream[: n_windows * length].astype(np.int64)).view(n_windows, -1)
+    info = {"corpus": corpus, "fingerprint": loaded.fingerprint, "split": split}
+    return windows, info

@@ -25,10 +25,8 @@ from safetensors.torch import load_file, save_file
 
 from nnobs.core.errors import NnobsError
 from nnobs.core.files import atomic_path, write_json
-from nnobs.data.corpus import default_cache_dir, load_corpus
-from nnobs.data.encoding import token_stream
+from nnobs.data.corpus import default_cache_dir
 from nnobs.data.tasks import EncodedTask
-from nnobs.data.tokenizer import Tokenizer
 from nnobs.data.windows import Windows
 from nnobs.interventions.targets import Target, position_axis, replace_edit, result_document
 from nnobs.measure import stats
@@ -326,23 +324,3 @@ def windows_info(windows: torch.Tensor | Windows) -> dict[str, Any]:
         "window": int(ids.shape[1]),
         "tokens_fingerprint": tokens_fingerprint(ids),
     }
-
-
-def corpus_windows(
-    tokenizer: Tokenizer, corpus: str, split: str, n_windows: int, length: int
-) -> tuple[torch.Tensor, dict]:
-    """The first ``n_windows`` consecutive windows of ``length`` tokens of a corpus split's
-    token stream (documents joined by end-of-text), and where they came from (for results and
-    the mean cache): what component ablation measures loss on and takes means over."""
-    if n_windows < 1 or length < 2:
-        raise NnobsError("need at least one window of at least 2 tokens")
-    loaded = load_corpus(corpus)
-    stream = token_stream(loaded.split(split), tokenizer)
-    if len(stream) < n_windows * length:
-        raise NnobsError(
-            f"the {split} split of {corpus!r} has {len(stream)} tokens, fewer than "
-            f"{n_windows} windows of {length}: ask for fewer or shorter windows"
-        )
-    windows = torch.from_numpy(stream[: n_windows * length].astype(np.int64)).view(n_windows, -1)
-    info = {"corpus": corpus, "fingerprint": loaded.fingerprint, "split": split}
-    return windows, info

@@ -81,6 +81,11 @@ class ModelAdapter:
     stream_fn: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None
 
     @property
+    def context_length(self) -> int | None:
+        """The model's context in tokens, where its provenance states one."""
+        return self.provenance.get("max_seq_len") or self.provenance.get("context_length")
+
+    @property
     def device(self) -> torch.device:
         """Where the model's (first) parameters live."""
         return next(self.model.parameters()).device

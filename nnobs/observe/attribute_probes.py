@@ -47,7 +47,6 @@ from nnobs.measure.arrays import to_tensor
 from nnobs.models.adapter import ModelAdapter
 from nnobs.observe.capture import capture
 from nnobs.observe.settings import ObserveSettings
-from nnobs.observe.splits import model_context
 
 
 @dataclass
@@ -90,7 +89,7 @@ def attribute_dataset(
     tok = adapter.tokenizer
     if tok is None:
         raise NnobsError("the model has no tokenizer; load it from a directory that has one")
-    length = window_length(model_context(adapter), seq_len)
+    length = window_length(adapter.context_length, seq_len)
     if doc_tokens is not None and doc_tokens < 2:
         raise NnobsError(f"doc_tokens must be at least 2, got {doc_tokens}")
     labeller = _DocumentLabels(docs, tok, encode_documents(list(docs), tok, cache_dir=cache_dir))

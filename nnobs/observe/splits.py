@@ -55,11 +55,6 @@ def model_trained_on(adapter: ModelAdapter, corpus: Corpus) -> bool:
     )
 
 
-def model_context(adapter: ModelAdapter) -> int | None:
-    """The model's context in tokens, from its provenance (None when it does not say)."""
-    return adapter.provenance.get("max_seq_len") or adapter.provenance.get("context_length")
-
-
 def layer_sites(adapter: ModelAdapter, settings: ObserveSettings) -> dict[int, str]:
     """The probed site of each layer the settings name (every layer by default)."""
     layers = settings.layers if settings.layers is not None else range(adapter.n_layers)
@@ -88,7 +83,7 @@ def token_windows(
     return split_windows(
         docs,
         adapter.tokenizer,
-        window_length(model_context(adapter), settings.seq_len),
+        window_length(adapter.context_length, settings.seq_len),
         settings.token_budget(adapter.d_model),
         seed=settings.window_seed,
         max_doc_tokens=max_doc_tokens,

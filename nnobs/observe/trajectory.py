@@ -52,7 +52,6 @@ from nnobs.observe.splits import (
     capture_splits,
     final_site,
     layer_sites,
-    model_context,
     model_trained_on,
     token_windows,
 )
@@ -152,7 +151,7 @@ class TrajectoryObserver:
             getattr(adapter.tokenizer, "fingerprint", None),
             adapter.d_model,
             adapter.n_layers,
-            model_context(adapter),
+            adapter.context_length,
         )
         if self._windows is not None:
             if key != self._key:
