@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nnobs.core.errors import NnobsError
+from nnobs.core.fields import from_fields
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "activation": ("relu", "gelu", "swiglu"),
@@ -118,14 +119,7 @@ class ModelConfig:
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         """The config a stored dict describes; an unknown knob is refused with the known ones."""
         data = cls.upgrade_dict(data)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise NnobsError(
-                f"unknown model knob(s) {', '.join(unknown)}: "
-                f"known knobs are {', '.join(sorted(known))}"
-            )
-        return cls(**data)
+        return from_fields(cls, data, "model knob")
 
     def replace(self, **changes: Any) -> ModelConfig:
         """A copy with some knobs changed (and validated)."""

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from nnobs.core.errors import NnobsError
+from nnobs.core.fields import from_fields
 from nnobs.core.rundir import RunDir
 from nnobs.data.corpus import Corpus, corpus_info, load_corpus
 from nnobs.data.windows import Windows, held_out_splits
@@ -90,14 +91,7 @@ class TrajectorySettings(ObserveSettings):
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrajectorySettings:
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise NnobsError(
-                f"unknown observation setting(s) {', '.join(unknown)}: "
-                f"known settings are {', '.join(sorted(known))}"
-            )
-        return cls(**data)
+        return from_fields(cls, data, "observation setting")
 
 
 class TrajectoryObserver:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nnobs.core.errors import NnobsError
+from nnobs.core.fields import from_fields
 
 TOKENIZER_KINDS = ("bpe", "byte")
 
@@ -96,14 +97,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise NnobsError(
-                f"unknown train setting(s) {', '.join(unknown)}: "
-                f"known settings are {', '.join(sorted(known))}"
-            )
-        return cls(**data)
+        return from_fields(cls, data, "train setting")
 
     def replace(self, **changes: Any) -> TrainConfig:
         return TrainConfig.from_dict({**self.to_dict(), **changes})
