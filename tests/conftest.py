@@ -1,7 +1,9 @@
 """Fixtures shared by the observability-over-training tests: a small Python corpus on disk
 and a tiny run trained on it, both built once per session in seconds."""
 
+import re
 import sysconfig
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -93,3 +95,57 @@ def tiny_gpt2_adapter():
         bos_token_id=256, eos_token_id=256,
     )  # fmt: skip
     return hf_adapter(transformers.GPT2LMHeadModel(cfg).eval(), byte_tokenizer())
+
+
+# ------------------------------------------------------------------------ refusals
+
+# stderr lines that are not messages: nnobs's "· " progress log and tqdm's bars ("40%|###")
+NOT_A_MESSAGE = re.compile(r"^· |\d+%\||\d+(\.\d+)?(it/s|s/it)\]")
+
+
+def file_snapshot(dirs: Sequence[Path]) -> dict[Path, tuple[int, int]]:
+    """Size and modification time of every file under ``dirs`` (missing dirs hold none)."""
+    return {
+        path: (path.stat().st_size, path.stat().st_mtime_ns)
+        for root in map(Path, dirs)
+        for path in (root.rglob("*") if root.is_dir() else [root] if root.is_file() else [])
+        if path.is_file()
+    }
+
+
+def message_lines(stderr: str) -> list[str]:
+    """The lines of ``stderr`` a user reads as messages: progress output left out."""
+    lines = (line.strip() for line in re.split(r"[\r\n]", stderr))
+    return [line for line in lines if line and not NOT_A_MESSAGE.search(line)]
+
+
+@pytest.fixture
+def expect_refusal(capfd, nnobs_cache) -> Callable[..., str]:
+    """``expect_refusal(argv, message, watch=[dirs])`` runs ``nnobs argv`` in this process and
+    asserts a refusal: exit status 2, exactly one message line on stderr, starting with
+    ``error: `` and containing ``message``, no traceback anywhere, and no file under ``watch``
+    created, changed or removed. Returns the error line.
+
+    An exception escaping the command fails the test with its traceback.
+    """
+    from nnobs.cli import main
+
+    def check(argv: Sequence[str], message: str, watch: Sequence[Path] = ()) -> str:
+        before = file_snapshot(watch)
+        capfd.readouterr()
+        status = main([str(a) for a in argv])
+        out, err = capfd.readouterr()
+        lines = message_lines(err)
+        shown = f"argv: {list(argv)}\nstderr:\n{err}"
+        assert "Traceback" not in out + err, shown
+        assert status == 2, f"exit status {status}\n{shown}"
+        assert len(lines) == 1 and lines[0].startswith("error: "), shown
+        assert message in lines[0], shown
+        after = file_snapshot(watch)
+        changed = sorted(
+            str(p) for p in before.keys() | after.keys() if before.get(p) != after.get(p)
+        )
+        assert not changed, f"files created, changed or removed: {changed}\n{shown}"
+        return lines[0]
+
+    return check
