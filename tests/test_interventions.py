@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import jsonschema
 import numpy as np
 import pytest
@@ -232,6 +234,28 @@ def test_mean_cache_hits_and_invalidates(tmp_path):
     fresh, info3 = mean_activations(adapter, sites, ref, cache_dir=tmp_path)
     assert not info3["hit"] and info3["weights"] != info["weights"]
     assert not torch.equal(fresh[sites[0]], means[sites[0]])
+
+
+@pytest.mark.parametrize("damage", ["meta missing", "meta corrupt", "means missing"])
+def test_a_half_written_mean_cache_entry_is_rebuilt(tmp_path, damage):
+    # A kill between the two files of an entry (as an older nnobs could leave one) once broke
+    # every later mean ablation of the model: the entry now reads as absent and is rewritten.
+    adapter = tiny(seed=4)
+    ref = windows(n=4, t=8, seed=3)
+    site = "blocks.0.mlp_out"
+    means, info = mean_activations(adapter, [site], ref, cache_dir=tmp_path)
+    entry = Path(info["path"]).parent
+    {
+        "meta missing": lambda: (entry / "meta.json").unlink(),
+        "meta corrupt": lambda: (entry / "meta.json").write_text('{"sites": ['),
+        "means missing": lambda: Path(info["path"]).unlink(),
+    }[damage]()
+    target = make_target(adapter, site)
+    doc = ablate(adapter, target, "mean", windows=windows(), reference=ref, cache_dir=tmp_path)
+    assert not doc["mean_cache"]["hit"] and doc["mean_cache"]["path"] == info["path"]
+    again, hit = mean_activations(adapter, [site], ref, cache_dir=tmp_path)
+    assert hit["hit"] and torch.equal(again[site], means[site])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [entry.name]  # no temporary left
 
 
 # ------------------------------------------------------------------------- direction test

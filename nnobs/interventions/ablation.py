@@ -11,8 +11,12 @@ The direction test of the decision-quality probe is :mod:`nnobs.interventions.di
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import shutil
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,10 +25,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save_file
 
 from nnobs.core.errors import NnobsError
-from nnobs.core.files import atomic_path, write_json
+from nnobs.core.files import write_json
 from nnobs.data.corpus import default_cache_dir
 from nnobs.data.tasks import EncodedTask
 from nnobs.data.windows import Windows
@@ -68,10 +73,12 @@ def mean_activations(
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """Mean activation of each site over the reference token windows (batch and positions).
 
-    Cached as ``means-<key>.safetensors`` plus a JSON file of provenance; the key hashes the
-    model's weights and the reference tokens, so a change in either (another checkpoint, a
-    different corpus, more tokens) misses the cache. Returns the means and a description of
-    the cache entry (its path, whether it was a hit, what it was computed from).
+    Cached as a folder ``means-<key>/`` holding ``means.safetensors`` and ``meta.json`` (the
+    provenance), written whole and renamed into place, so a kill never leaves half an entry;
+    an entry that is damaged anyway is computed again. The key hashes the model's weights and
+    the reference tokens, so a change in either (another checkpoint, a different corpus, more
+    tokens) misses the cache. Returns the means and a description of the cache entry (its
+    path, whether it was a hit, what it was computed from).
     """
     tokens = torch.as_tensor(np.asarray(reference), dtype=torch.long)
     if tokens.dim() != 2 or tokens.numel() == 0:
@@ -83,19 +90,11 @@ def mean_activations(
     model_fp = weights_fingerprint(adapter.model)
     ref_fp = tokens_fingerprint(tokens)
     key = hashlib.sha256(f"{model_fp}:{ref_fp}".encode()).hexdigest()[:16]
-    folder = Path(cache_dir) if cache_dir is not None else default_means_dir()
-    path, meta_path = folder / f"means-{key}.safetensors", folder / f"means-{key}.json"
-    stored: dict[str, torch.Tensor] = {}
-    if path.is_file():
-        try:
-            stored = load_file(str(path))
-        except Exception:  # noqa: BLE001 - a damaged cache file is recomputed and rewritten
-            stored = {}
+    entry = (Path(cache_dir) if cache_dir is not None else default_means_dir()) / f"means-{key}"
+    stored, meta = _read_means(entry)
     missing = [s for s in sites if s not in stored]
     if missing:
         stored.update(_compute_means(adapter, missing, tokens, batch_size))
-        with atomic_path(path) as tmp:
-            save_file({k: v.contiguous() for k, v in stored.items()}, str(tmp))
         meta = {
             "model": {"weights": model_fp, "provenance": _jsonable(adapter.provenance)},
             "reference": {
@@ -106,11 +105,55 @@ def mean_activations(
             },
             "sites": sorted(stored),
         }
-        write_json(meta_path, meta)
-    info = {"path": str(path), "key": key, "hit": not missing, "weights": model_fp}
-    info["reference"] = json.loads(meta_path.read_text())["reference"]
+        _write_means(entry, stored, meta)
+    info = {"path": str(entry / _MEANS_FILE), "key": key, "hit": not missing, "weights": model_fp}
+    info["reference"] = meta["reference"]
     means = {s: stored[s].to(adapter.device) for s in sites}
     return means, info
+
+
+_MEANS_FILE, _META_FILE = "means.safetensors", "meta.json"
+
+
+def _read_means(entry: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The means and provenance of a cache entry; an entry missing or damaged in any part
+    reads as empty (it is computed and written again)."""
+    try:  # both files through one handle on the folder: one entry even if it is replaced
+        folder = os.open(entry, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return {}, {}
+    try:
+        means = load_tensors(_read_at(folder, _MEANS_FILE))
+        meta = json.loads(_read_at(folder, _META_FILE))
+        if isinstance(meta, dict) and isinstance(meta.get("reference"), dict):
+            return means, meta
+    except Exception:  # noqa: BLE001 - a damaged cache entry is recomputed and rewritten
+        pass
+    finally:
+        os.close(folder)
+    return {}, {}
+
+
+def _read_at(folder: int, name: str) -> bytes:
+    with open(os.open(name, os.O_RDONLY, dir_fd=folder), "rb") as f:
+        return f.read()
+
+
+def _write_means(entry: Path, means: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Write the entry whole in a temporary folder beside it, then rename it into place."""
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
+    try:
+        save_file({k: v.contiguous() for k, v in means.items()}, str(tmp / _MEANS_FILE))
+        write_json(tmp / _META_FILE, meta)
+        replaced = tmp.with_name(f"{tmp.name}.replaced")
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(entry, replaced)
+        with contextlib.suppress(OSError):  # another process put its own whole entry there
+            os.rename(tmp, entry)
+        shutil.rmtree(replaced, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _jsonable(obj: Any) -> Any:
