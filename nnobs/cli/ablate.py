@@ -122,7 +122,7 @@ def _run_direction(args: argparse.Namespace, adapter: ModelAdapter, length: int)
 
     if args.task:
         raise NnobsError("--direction-from measures loss on corpus windows: drop --task")
-    layer, direction = probe_from_observe(load_result(args.direction_from))
+    layer, direction = probe_from_observe(load_result(args.direction_from, "nnobs.observe"))
     tok = adapter.tokenizer
     windows = direction_windows(tok, args.corpus, args.split, args.windows, length)
     later = list(range(layer + 1, adapter.n_layers))

@@ -1,9 +1,10 @@
 """Result documents: plain JSON with a versioned JSON Schema, written atomically.
 
-Every nnobs command writes one document whose ``schema`` field names a file in
-``nnobs/core/schemas/`` (``nnobs.observe`` → ``observe.schema.json``). Documents are validated
-before they are written and when they are read, so a report never renders a half-made or
-foreign file.
+Every nnobs command writes one document whose ``schema`` field names one of the result kinds
+in ``SCHEMA_FILES`` (``nnobs.observe`` → ``schemas/observe.schema.json``). The field is looked
+up in that table, never used as a file name, so a document cannot pick the schema it is
+checked against. Documents are validated before they are written and when they are read, so a
+report never renders a half-made, foreign or newer file.
 """
 
 from __future__ import annotations
@@ -21,16 +22,44 @@ import numpy as np
 from nnobs.core.errors import NnobsError
 from nnobs.core.files import write_json
 
+# The result kinds nnobs writes and the schema file of each, in nnobs/core/schemas/.
+SCHEMA_FILES = {
+    "nnobs.observe": "observe.schema.json",
+    "nnobs.trajectory": "trajectory.schema.json",
+    "nnobs.study": "study.schema.json",
+    "nnobs.interventions": "interventions.schema.json",
+}
 
-@cache
+
+def _shown(value: Any) -> str:
+    """``repr(value)`` cut to a length that fits in a one-line error."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _known_kind(name: Any) -> str:
+    """``name`` if it is one of ``SCHEMA_FILES``; otherwise a one-line NnobsError."""
+    if not isinstance(name, str) or name not in SCHEMA_FILES:
+        raise NnobsError(
+            f"not an nnobs result: unknown schema {_shown(name)} "
+            f"(nnobs writes {', '.join(SCHEMA_FILES)})"
+        )
+    return name
+
+
 def schema_for(name: str) -> dict:
     """The JSON Schema of a result kind, e.g. ``nnobs.observe``."""
-    filename = name.removeprefix("nnobs.") + ".schema.json"
-    try:
-        text = resources.files("nnobs.core").joinpath("schemas", filename).read_text()
-    except FileNotFoundError:
-        raise NnobsError(f"unknown result schema {name!r}") from None
-    return json.loads(text)
+    return _read_schema(SCHEMA_FILES[_known_kind(name)])
+
+
+@cache
+def _read_schema(filename: str) -> dict:
+    return json.loads(resources.files("nnobs.core").joinpath("schemas", filename).read_text())
+
+
+def schema_version(name: str) -> int:
+    """The newest version of result kind ``name`` this nnobs reads and writes."""
+    return schema_for(name)["properties"]["schema_version"]["const"]
 
 
 def to_plain(obj: Any) -> Any:
@@ -48,10 +77,20 @@ def to_plain(obj: Any) -> Any:
     return obj
 
 
-def validate(doc: dict) -> None:
-    name = doc.get("schema") if isinstance(doc, dict) else None
-    if not isinstance(name, str):
-        raise NnobsError("not an nnobs result: it has no 'schema' field")
+def validate(doc: dict, kind: str | None = None) -> None:
+    """Check ``doc`` against its kind's schema (and, given ``kind``, that it is of that kind);
+    any mismatch is a one-line NnobsError."""
+    if not isinstance(doc, dict) or "schema" not in doc:
+        raise NnobsError("not an nnobs result: it is not a JSON object with a 'schema' field")
+    name = _known_kind(doc["schema"])
+    if kind is not None and name != _known_kind(kind):
+        raise NnobsError(f"it holds an {name} result, not the {kind} result expected here")
+    version, newest = doc.get("schema_version"), schema_version(name)
+    if isinstance(version, int) and not isinstance(version, bool) and version > newest:
+        raise NnobsError(
+            f"written by a newer nnobs ({name} schema {version}; this nnobs reads "
+            f"{newest}): upgrade nnobs to read it"
+        )
     try:
         jsonschema.validate(doc, schema_for(name))
     except jsonschema.ValidationError as err:
@@ -67,7 +106,9 @@ def write_result(path: str | Path, doc: dict) -> Path:
     return Path(path)
 
 
-def load_result(path: str | Path) -> dict:
+def load_result(path: str | Path, kind: str | None = None) -> dict:
+    """The validated result document at ``path`` (a file, or a directory holding one); given
+    ``kind`` (e.g. ``nnobs.study``), a document of another kind is refused."""
     path = Path(path)
     if path.is_dir():
         candidates = sorted(path.glob("*.json"))
@@ -76,7 +117,10 @@ def load_result(path: str | Path) -> dict:
         doc = json.loads(path.read_text())
     except FileNotFoundError:
         raise NnobsError(f"no result file at {path}") from None
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise NnobsError(f"cannot read result {path}: {err}") from None
-    validate(doc)
+    try:
+        validate(doc, kind)
+    except NnobsError as err:
+        raise NnobsError(f"{path}: {err}") from None
     return doc

@@ -185,7 +185,7 @@ def render_report(directory: str | Path, out_dir: str | Path | None = None) -> P
     out.mkdir(parents=True, exist_ok=True)
     study = _first(directory / "study.json")
     if study is not None:
-        return render_study(load_result(study), out)
+        return render_study(load_result(study, "nnobs.study"), out)
     run = RunDir(directory)  # a run directory's results, or results side by side
     traj = _first(run.trajectory_file, directory / "trajectory.json")
     obs = _first(run.observe_dir / "observe.json", directory / "observe.json")
@@ -196,7 +196,7 @@ def render_report(directory: str | Path, out_dir: str | Path | None = None) -> P
         )
     page = Page(out, f"nnobs report: {directory.resolve().name}")
     if traj is not None:
-        render_trajectory(page, load_result(traj))
+        render_trajectory(page, load_result(traj, "nnobs.trajectory"))
     if obs is not None:
-        render_observe(page, load_result(obs))
+        render_observe(page, load_result(obs, "nnobs.observe"))
     return page.write()
