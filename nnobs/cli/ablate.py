@@ -16,6 +16,7 @@ from nnobs.cli.common import (
     int_list,
     load_adapter,
     load_task_from_args,
+    output_dir,
     subcommand,
 )
 from nnobs.core.errors import NnobsError
@@ -89,6 +90,7 @@ def _window_len(adapter: ModelAdapter, requested: int) -> int:
 def run(args: argparse.Namespace) -> int:
     from nnobs.data.windows import stream_windows
 
+    output_dir(args.out)
     adapter = load_adapter(args)
     length = _window_len(adapter, args.window_len)
     if args.direction_from:

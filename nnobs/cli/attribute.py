@@ -7,13 +7,13 @@ Writes one JSON result (schema ``nnobs/core/schemas/interventions.schema.json``)
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from nnobs.cli.common import (
     add_intervention_args,
     add_task_args,
     load_adapter,
     load_task_from_args,
+    output_dir,
     subcommand,
 )
 from nnobs.core.errors import NnobsError
@@ -62,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     from nnobs.interventions.attribution import AttributionSettings, attribute
     from nnobs.report.intervention_plots import attribution_plot
 
+    out = output_dir(args.out)
     adapter = load_adapter(args)
     task = load_task_from_args(args, adapter, equal_length=args.baseline == "corrupted")
     if args.items < 1:
@@ -76,7 +77,6 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
     )
     result = attribute(adapter, task, args.site, settings, items=range(min(args.items, len(task))))
-    out = Path(args.out)
     path = write_result(out / "attribute.json", result)
     attribution_plot(result, out / "attribute.png")
     c = result["completeness"]

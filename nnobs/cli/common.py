@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import re
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from nnobs.core.errors import NnobsError
+from nnobs.core.files import check_output_dir
 
 if TYPE_CHECKING:  # imported when run, inside the functions, to keep ``nnobs --help`` fast
     from nnobs.data.tasks import EncodedTask
@@ -24,6 +26,17 @@ def int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(
             f"expected integers like 0,2,5 or a range like 43-49, got {text!r}"
         ) from None
+
+
+def output_dir(out: str | None, default: Path | None = None) -> Path:
+    """The directory a command writes to: ``--out``, else ``default`` (commands whose --out is
+    required pass none); refused in one line, before any work, when it cannot be a directory
+    (:func:`nnobs.core.files.check_output_dir`)."""
+    if out == "":
+        raise NnobsError("--out is empty: give the directory for the results")
+    if out is None:
+        return check_output_dir(default, "the default output directory")
+    return check_output_dir(out)
 
 
 def subcommand(

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from nnobs.cli.common import int_list, subcommand
+from nnobs.cli.common import int_list, output_dir, subcommand
 from nnobs.core.rundir import RunDir
 
 EPILOG = """\
@@ -104,12 +104,11 @@ def run(args: argparse.Namespace) -> int:
         random_init_floor=not args.no_random_init_floor,
     )
     model_path = Path(args.model)
-    if args.out:
-        out = Path(args.out)
-    elif model_path.exists():
-        out = RunDir(model_path).observe_dir
+    if model_path.is_dir():
+        default = RunDir(model_path).observe_dir
     else:
-        out = Path("runs") / f"observe-{args.model.replace('/', '--')}"
+        default = Path("runs") / f"observe-{args.model.replace('/', '--')}"
+    out = output_dir(args.out, default)
     domain2 = None if args.domain2 == "none" else args.domain2
     result = observe_model(
         args.model,
@@ -140,7 +139,7 @@ def run_trajectory(args: argparse.Namespace) -> int:
         n_boot=args.n_boot or defaults.n_boot,
         attributes=args.attributes,
     )
-    out = Path(args.out) if args.out else RunDir(args.model).trajectory_dir
+    out = output_dir(args.out, RunDir(args.model).trajectory_dir)
     result = observe_run(
         args.model,
         corpus=args.corpus,

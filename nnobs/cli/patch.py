@@ -7,13 +7,13 @@ Writes one JSON result (schema ``nnobs/core/schemas/interventions.schema.json``)
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from nnobs.cli.common import (
     add_intervention_args,
     add_task_args,
     load_adapter,
     load_task_from_args,
+    output_dir,
     subcommand,
 )
 
@@ -62,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     from nnobs.interventions.patching import PatchSettings, patch_sweep
     from nnobs.report.intervention_plots import patching_heatmap
 
+    out = output_dir(args.out)
     adapter = load_adapter(args)
     task = load_task_from_args(args, adapter, equal_length=True)
     settings = PatchSettings(
@@ -77,7 +78,6 @@ def run(args: argparse.Namespace) -> int:
         settings,
         progress=not args.no_progress,
     )
-    out = Path(args.out)
     path = write_result(out / "patch.json", result)
     for sweep in result["sweeps"]:
         patching_heatmap(result, sweep, out / f"patch_{sweep['name']}.png")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from nnobs.cli.common import subcommand
+from nnobs.cli.common import output_dir, subcommand
 
 EPILOG = """\
 examples:
@@ -34,6 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from nnobs.report.html import render_report
 
-    page = render_report(Path(args.directory), args.out)
+    out = None if args.out is None else output_dir(args.out)  # the default: render_report's
+    page = render_report(Path(args.directory), out)
     print(f"wrote {page}")
     return 0

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from nnobs.cli.common import add_source, subcommand
+from nnobs.cli.common import add_source, output_dir, subcommand
 
 EPILOG = """\
 examples:
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     from nnobs.report.study_page import variant_verdict_text
 
     cfg = load_study_config(args.preset, args.config)
-    out = Path(args.out) if args.out else Path("runs") / f"study-{cfg.name}"
+    out = output_dir(args.out, Path("runs") / f"study-{cfg.name}")
     log = (
         (lambda _msg: None)
         if args.no_progress

@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from nnobs.cli.common import add_source, subcommand
+from nnobs.cli.common import add_source, output_dir, subcommand
 
 EPILOG = """\
 examples:
@@ -65,9 +65,9 @@ def run(args: argparse.Namespace) -> int:
     from nnobs.training.runconfig import load_run_config
     from nnobs.training.trainer import train
 
-    model_config, train_config = load_run_config(args.preset, args.config, args.overrides)
     name = Path(args.config).stem if args.config else (args.preset or "default")
-    out = Path(args.out) if args.out else Path("runs") / name
+    out = output_dir(args.out, Path("runs") / name)
+    model_config, train_config = load_run_config(args.preset, args.config, args.overrides)
     callback = None
     if args.observe:
         from nnobs.observe.live import ObservabilityCallback

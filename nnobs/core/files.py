@@ -66,3 +66,20 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise NnobsError(f"{what} {str(path)!r} is corrupt: expected a JSON object")
     return data
+
+
+def check_output_dir(path: str | os.PathLike, option: str = "--out") -> Path:
+    """``path`` as an output directory, refused in one line if it cannot be one: it is a file,
+    lies under a file, or its nearest existing directory is not writable. Called before any
+    work, so a bad ``--out`` is not found only when the result is written."""
+    path = Path(path)
+    existing = next(p for p in (path, *path.parents) if p.exists() or p == Path(p.anchor))
+    if not existing.is_dir():
+        where = "is a file" if existing == path else f"is under {str(existing)!r}, a file"
+        raise NnobsError(f"{option} {str(path)!r} {where}: give a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise NnobsError(
+            f"{option} {str(path)!r} is not writable ({str(existing)!r} is read-only for you): "
+            "give a directory you can write to"
+        )
+    return path

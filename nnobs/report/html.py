@@ -18,6 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from nnobs.core.errors import NnobsError
+from nnobs.core.files import check_output_dir
 from nnobs.core.results import load_result
 from nnobs.core.rundir import RunDir
 from nnobs.report import plots
@@ -177,12 +178,15 @@ def _first(*paths: Path) -> Path | None:
 
 def render_report(directory: str | Path, out_dir: str | Path | None = None) -> Path:
     """Render ``DIR/report/index.html`` (or ``out_dir/index.html``) for a study, run or
-    observe directory; returns the page's path."""
+    observe directory; returns the page's path. Every document is read and validated before
+    anything is written."""
     directory = Path(directory)
     if not directory.is_dir():
         raise NnobsError(f"{str(directory)!r} is not a directory: give a study, run or observe dir")
-    out = Path(out_dir) if out_dir is not None else directory / "report"
-    out.mkdir(parents=True, exist_ok=True)
+    if out_dir is None:
+        out = check_output_dir(directory / "report", "the report directory")
+    else:
+        out = check_output_dir(out_dir)
     study = _first(directory / "study.json")
     if study is not None:
         return render_study(load_result(study, "nnobs.study"), out)
@@ -194,9 +198,11 @@ def render_report(directory: str | Path, out_dir: str | Path | None = None) -> P
             f"{str(directory)!r} holds no study.json, trajectory.json or observe.json: run "
             "nnobs study, nnobs observe --all-checkpoints or nnobs observe first"
         )
+    traj_doc = load_result(traj, "nnobs.trajectory") if traj is not None else None
+    obs_doc = load_result(obs, "nnobs.observe") if obs is not None else None
     page = Page(out, f"nnobs report: {directory.resolve().name}")
-    if traj is not None:
-        render_trajectory(page, load_result(traj, "nnobs.trajectory"))
-    if obs is not None:
-        render_observe(page, load_result(obs, "nnobs.observe"))
+    if traj_doc is not None:
+        render_trajectory(page, traj_doc)
+    if obs_doc is not None:
+        render_observe(page, obs_doc)
     return page.write()

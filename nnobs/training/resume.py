@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from nnobs.core.errors import NnobsError
-from nnobs.core.files import write_json, write_text
+from nnobs.core.files import check_output_dir, write_json, write_text
 from nnobs.core.rundir import RUN_FORMAT, RunDir, list_checkpoints, read_meta, read_metrics
 from nnobs.core.version import __version__
 from nnobs.models.checkpoint import load_weights
@@ -139,8 +139,7 @@ def check_out_dir(
     out: Path, mc: ModelConfig, tc: TrainConfig, overwrite: bool
 ) -> dict[str, Any] | None:
     """Check OUT can hold this run; return its run.json if it already holds it."""
-    if out.exists() and not out.is_dir():
-        raise NnobsError(f"--out {str(out)!r} is a file: give a directory")
+    check_output_dir(out)
     present = out.iterdir() if out.exists() else ()
     entries = {p.name for p in present if not p.name.startswith(".")}
     if entries - RunDir.ENTRIES:
