@@ -258,6 +258,49 @@ def test_input_checks(tmp_path):
     assert not any(tmp_path.iterdir())  # nothing half-written
 
 
+def test_an_out_the_user_cannot_write_is_one_clear_error(tmp_path):
+    # Run as the user meets it: root writes through permission bits, so as root the commands
+    # run without that privilege (CAP_DAC_OVERRIDE), and the kernel refuses as it would them.
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    prefix = []
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("running as root without setpriv to drop the right to write anywhere")
+        prefix = [setpriv, "--bounding-set=-dac_override,-dac_read_search", "--"]
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    # The trainer's first step, taking its run directory's lock, as a library call:
+    take_lock = (
+        "import sys\nfrom nnobs.core.errors import NnobsError\n"
+        "from nnobs.core.lock import lock_directory\n"
+        "try:\n    lock_directory(sys.argv[1], 'run directory').__enter__()\n"
+        "except NnobsError as e:\n    sys.exit(f'error: {e}')"
+    )
+    try:
+        for out, what in [(locked, "cannot write to"), (locked / "run", "cannot create")]:
+            argv = [*prefix, sys.executable, "-c", take_lock, str(out)]
+            err = subprocess.run(argv, capture_output=True, text=True).stderr
+            assert err == (
+                f"error: {what} run directory {str(out)!r} (Permission denied): "
+                "use a directory you can write to\n"
+            )
+        # And the command, which checks --out before any work (either check may answer).
+        argv = [*prefix, sys.executable, "-m", "nnobs", "train", "--preset", "tiny"]
+        done = subprocess.run([*argv, "--out", str(locked / "run")], capture_output=True, text=True)
+        err = done.stderr.strip()
+        assert done.returncode == 2 and err.startswith("error: ") and "\n" not in err, err
+        assert str(locked / "run") in err and "you can write to" in err
+        assert not any(locked.iterdir())
+    finally:
+        locked.chmod(0o755)
+
+
 @pytest.mark.slow
 def test_sigkill_at_any_moment_then_resume_is_bit_identical(tmp_path):
     import os

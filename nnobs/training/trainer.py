@@ -46,6 +46,7 @@ from torch import nn
 
 from nnobs.core.errors import NnobsError
 from nnobs.core.files import append_jsonl
+from nnobs.core.lock import lock_directory
 from nnobs.core.rundir import RunDir
 from nnobs.models.config import ModelConfig
 from nnobs.training.checkpoint import save_checkpoint
@@ -89,7 +90,8 @@ def train(
     checkpoint is saved, with the model in training mode and ``meta`` the checkpoint's
     metadata plus ``total_steps`` (live observability, :mod:`nnobs.observe.live`, hooks in here).
     Each of ``hooks`` has its ``on_step(model, optimizer, step)`` called after every optimiser
-    step (:class:`StepHook`).
+    step (:class:`StepHook`). The main process holds ``out``'s lock
+    (:func:`~nnobs.core.lock.lock_directory`) throughout: a second trainer there is refused.
     """
     mc, tc, out = model_config, train_config, Path(out_dir)
     if tc.seq_len > mc.max_seq_len:
@@ -103,11 +105,14 @@ def train(
         device = dd.place(device, tc.batch_size)
         if device.type == "cuda":
             torch.set_float32_matmul_precision("high")
-        start = start_or_resume(out, mc, tc, dd, overwrite)
-        if isinstance(start, RunResult):
-            return start
-        state = _build(mc, tc, out, device, dd, start)
-        return _Loop(state, tc, out, dd, on_checkpoint, hooks).run(progress)
+        with contextlib.ExitStack() as held:
+            if dd.main:  # one writer per run directory, taken before anything is written
+                held.enter_context(lock_directory(out, "run directory"))
+            start = start_or_resume(out, mc, tc, dd, overwrite)
+            if isinstance(start, RunResult):
+                return start
+            state = _build(mc, tc, out, device, dd, start)
+            return _Loop(state, tc, out, dd, on_checkpoint, hooks).run(progress)
     finally:
         dd.close()
 
