@@ -25,15 +25,21 @@ describe one run only.
 
 **Layout.** ``OUT/study.json``, ``OUT/config.json`` (the resolved study) and
 ``OUT/runs/<variant>/seed_<k>/`` (a run directory with ``trajectory/trajectory.json``).
-Runs go to ``jobs`` worker processes; re-running the same study resumes: finished runs and
-trajectories are reused, interrupted runs resume from their last checkpoint.
+Runs go to ``jobs`` worker processes, which die with the study's process; re-running the same
+study resumes: finished runs and trajectories are reused, interrupted runs resume from their
+last checkpoint. The study directory and each run directory have one writer at a time
+(:func:`nnobs.core.lock.lock_directory`).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
 import multiprocessing
 import os
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,6 +48,7 @@ from typing import Any
 
 from nnobs.core.errors import NnobsError
 from nnobs.core.files import write_json
+from nnobs.core.lock import lock_directory
 from nnobs.models.config import ModelConfig
 from nnobs.observe.study_config import StudyConfig, study_run_dir, variant_configs
 from nnobs.observe.study_summary import assemble
@@ -61,21 +68,47 @@ class Unit:
     observe: TrajectorySettings
 
 
-def _init_worker(threads: int) -> None:
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+_BUSY_RUN = "wait for it or stop it, then re-run the study"
+
+
+def _init_worker(threads: int, parent: int) -> None:
     import torch
 
+    _die_with_parent(parent)
     torch.set_num_threads(threads)
 
 
+def _die_with_parent(parent: int) -> None:
+    """End this worker when the study process ends, however it ends (SIGKILL included): an
+    orphaned worker would keep training runs that a rerun trains again."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL) == 0:
+            if os.getppid() != parent:  # the parent died before prctl took effect
+                os._exit(1)
+            return
+    threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+
+
+def _watch_parent(parent: int) -> None:
+    """Where the kernel cannot signal a parent's death: poll for it (orphans get a new PPID)."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
+
+
 def run_unit(unit: Unit) -> dict[str, Any]:
-    """Train (or resume, or find finished) one run, then observe its checkpoints."""
+    """Train (or resume, or find finished) one run, then observe its checkpoints, holding the
+    run directory's lock throughout (a stray process working there refuses this one)."""
     from nnobs.observe.trajectory import observe_run
     from nnobs.training.trainer import train
 
     start = time.perf_counter()
-    result = train(unit.model, unit.train, unit.run_dir, progress=False)
-    trained = time.perf_counter()
-    observe_run(unit.run_dir, settings=unit.observe, progress=False)
+    with lock_directory(unit.run_dir, "run directory", _BUSY_RUN):
+        result = train(unit.model, unit.train, unit.run_dir, progress=False)
+        trained = time.perf_counter()
+        observe_run(unit.run_dir, settings=unit.observe, progress=False)
     if result.already_complete:
         status = "complete"
     else:
@@ -116,7 +149,6 @@ def run_study(
         raise NnobsError(f"jobs must be a positive integer, got {jobs}")
     out = Path(out_dir)
     configs = variant_configs(cfg)
-    _claim(cfg, out)
     units = [
         Unit(
             v.name,
@@ -129,12 +161,15 @@ def run_study(
         for v in cfg.variants
         for seed in cfg.seeds
     ]
-    start = time.perf_counter()
-    log(f"study {cfg.name}: {len(cfg.variants)} variants × {len(cfg.seeds)} seeds, {jobs} job(s)")
-    _warm_caches(cfg)
-    outcomes = _run_units(units, jobs, log)
-    doc = assemble(cfg, out, configs, outcomes, time.perf_counter() - start)
-    write_result(out / "study.json", doc)
+    with lock_directory(out, "study directory"):
+        _claim(cfg, out)
+        start = time.perf_counter()
+        size = f"{len(cfg.variants)} variants × {len(cfg.seeds)} seeds"
+        log(f"study {cfg.name}: {size}, {jobs} job(s)")
+        _warm_caches(cfg)
+        outcomes = _run_units(units, jobs, log)
+        doc = assemble(cfg, out, configs, outcomes, time.perf_counter() - start)
+        write_result(out / "study.json", doc)
     return doc
 
 
@@ -150,7 +185,6 @@ def _claim(cfg: StudyConfig, out: Path) -> None:
         stored["model"] = ModelConfig.upgrade_dict(stored["model"])  # older versions' studies
     if stored is not None and stored != resolved:
         raise NnobsError(f"{str(out)!r} holds a different study; use a new --out or delete it")
-    out.mkdir(parents=True, exist_ok=True)
     write_json(previous, resolved)
 
 
@@ -188,7 +222,7 @@ def _run_units(
             max_workers=jobs,
             mp_context=context,
             initializer=_init_worker,
-            initargs=(max(1, (os.cpu_count() or 1) // jobs),),
+            initargs=(max(1, (os.cpu_count() or 1) // jobs), os.getpid()),
         ) as pool:
             futures = {pool.submit(run_unit, unit): unit for unit in units}
             for future in concurrent.futures.as_completed(futures):
