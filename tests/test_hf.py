@@ -361,3 +361,24 @@ def test_auto_device_needs_accelerate(tmp_path):
             load_hf_model(tmp_path, device="auto")
     else:
         pytest.skip("accelerate is installed")
+
+
+def test_a_directory_without_tokenizer_files_has_no_tokenizer(tmp_path):
+    build("gpt2").save_pretrained(tmp_path)  # GPT-2's tokenizer class loads, empty, without files
+    assert load_hf_model(tmp_path).tokenizer is None
+
+
+def test_pickled_weights_are_never_unpickled(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    build("gpt2").save_pretrained(tmp_path)
+    torch.save(load_file(tmp_path / "model.safetensors"), tmp_path / "pytorch_model.bin")
+    (tmp_path / "model.safetensors").unlink()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.load was called")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    with pytest.raises(NnobsError, match="nnobs loads safetensors only") as err:
+        load_hf_model(tmp_path)
+    assert "safe_serialization=True" in str(err.value) and "weights_only" not in str(err.value)

@@ -85,10 +85,20 @@ def add_task_args(parser: argparse.ArgumentParser, required: bool) -> None:
 
 
 def load_adapter(args: argparse.Namespace) -> ModelAdapter:
-    """The model named by --model (at --step) on --device."""
+    """The model named by --model (at --step) on --device, with its tokenizer."""
     from nnobs.models.load import load_model
 
-    return load_model(args.model, device=args.device, step=args.step)
+    return require_tokenizer(load_model(args.model, device=args.device, step=args.step), args.model)
+
+
+def require_tokenizer(adapter: ModelAdapter, spec: str) -> ModelAdapter:
+    """``adapter``, refused in one line if it has no tokenizer: every command encodes text."""
+    if adapter.tokenizer is None:
+        raise NnobsError(
+            f"no tokenizer in {spec}: save the model's tokenizer there with "
+            f"tokenizer.save_pretrained({spec!r})"
+        )
+    return adapter
 
 
 def load_task_from_args(

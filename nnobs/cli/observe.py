@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from nnobs.cli.common import int_list, output_dir, subcommand
+from nnobs.cli.common import int_list, output_dir, require_tokenizer, subcommand
 from nnobs.core.rundir import RunDir
 
 EPILOG = """\
@@ -87,6 +87,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from nnobs.models.load import load_model
     from nnobs.observe.protocol import observe_model
     from nnobs.observe.settings import ObserveSettings
     from nnobs.report.plots import layer_profile
@@ -110,13 +111,13 @@ def run(args: argparse.Namespace) -> int:
         default = Path("runs") / f"observe-{args.model.replace('/', '--')}"
     out = output_dir(args.out, default)
     domain2 = None if args.domain2 == "none" else args.domain2
+    adapter = require_tokenizer(load_model(args.model, device=args.device), args.model)
     result = observe_model(
-        args.model,
+        adapter,
         args.corpus or "stdlib",
         domain2=domain2,
         out_dir=out,
         settings=settings,
-        device=args.device,
         progress=not args.no_progress,
         log=lambda msg: print(f"· {msg}", file=sys.stderr),
     )

@@ -21,7 +21,13 @@ from torch import nn
 from nnobs.core.errors import NnobsError, first_line
 from nnobs.core.version import __version__
 from nnobs.models.adapter import ModelAdapter, Site
-from nnobs.models.hf_loading import check_causal_lm, load_config, load_tokenizer, torch_dtype
+from nnobs.models.hf_loading import (
+    check_causal_lm,
+    check_safetensors,
+    load_config,
+    load_tokenizer,
+    torch_dtype,
+)
 from nnobs.models.hf_sites import (
     FlatSite,
     Trace,
@@ -64,10 +70,12 @@ def load_hf_model(
     spec = str(name_or_path)
     config, source = load_config(spec, revision, trust_remote_code)
     check_causal_lm(config, spec)
+    check_safetensors(source, spec)
     kwargs: dict[str, Any] = {
         "revision": revision,
         "trust_remote_code": trust_remote_code,
         "dtype": torch_dtype(dtype, device),
+        "use_safetensors": True,  # never unpickle weights: a pickle can run code
     }
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
@@ -83,7 +91,8 @@ def load_hf_model(
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as e:
-        raise NnobsError(f"cannot load the weights of {spec!r}: {first_line(e)}") from None
+        hint = "; nnobs loads safetensors weights only" if "safetensors" in str(e) else ""
+        raise NnobsError(f"cannot load the weights of {spec!r}: {first_line(e)}{hint}") from None
     if str(device) != "auto":
         model.to(device)
     tokenizer = load_tokenizer(source, revision, trust_remote_code)

@@ -44,6 +44,22 @@ def load_config(spec: str, revision: str | None, trust_remote_code: bool) -> tup
         raise NnobsError(f"cannot load a model config from {spec!r}: {first_line(e)}") from None
 
 
+def check_safetensors(source: str, spec: str) -> None:
+    """Refuse a local model whose weights are only PyTorch pickles (``pytorch_model.bin``):
+    unpickling an untrusted file runs its code, so nnobs reads safetensors only."""
+    path = Path(source)
+    if not path.is_dir() or any(path.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
+    if pickles:
+        raise NnobsError(
+            f"{spec} holds only pickled PyTorch weights ({pickles[0]}) and nnobs loads "
+            "safetensors only (unpickling can run code); if you trust the file, convert it: "
+            f"load the model with transformers yourself and call "
+            f"model.save_pretrained({spec!r}, safe_serialization=True)"
+        )
+
+
 def check_causal_lm(config: Any, spec: str) -> None:
     """Refuse, with the reason, a config that is not a decoder-only causal LM."""
     from transformers.models.auto import modeling_auto
@@ -95,4 +111,7 @@ def load_tokenizer(source: str, revision: str | None, trust_remote_code: bool) -
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None  # a model without a tokenizer is still observable from token ids
+    # Without tokenizer files some classes (GPT-2's) still load, with an empty vocabulary.
+    if not hf_tokenizer.encode("def f(x):", add_special_tokens=False):
+        return None
     return from_hf(hf_tokenizer)
