@@ -219,3 +219,26 @@ def test_default_cache_dir_follows_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("NNOBS_CACHE", str(tmp_path / "c"))
     encode_documents([Document("a", "hi")], ByteTokenizer())
     assert len(list((tmp_path / "c").glob("tokens-*.npz"))) == 1
+
+
+@pytest.mark.parametrize(
+    "ids, offsets",
+    [
+        ([97, 98, 9999], [0, 2, 3]),  # an id outside the byte vocabulary
+        ([97, -1, 122], [0, 2, 3]),  # a negative id
+        ([97, 98, 122], [0, 3]),  # offsets for another number of documents
+        ([97, 98, 122], [0, 2, 7]),  # offsets past the end of the ids
+        ([97, 98, 122], [0, 3, 2]),  # offsets going backwards
+    ],
+)
+def test_a_token_cache_that_does_not_fit_is_encoded_again(tmp_path, ids, offsets):
+    docs = [Document("a", "ab"), Document("b", "z")]
+    tok = CountingBytes()
+    encode_documents(docs, tok, cache_dir=tmp_path)
+    (entry,) = tmp_path.glob("tokens-*.npz")
+    with open(entry, "wb") as f:
+        np.savez(f, ids=np.array(ids, dtype=np.int32), offsets=np.array(offsets, dtype=np.int64))
+    arrays = encode_documents(docs, tok, cache_dir=tmp_path)
+    assert [a.tolist() for a in arrays] == [[97, 98], [122]] and tok.calls == 4
+    encode_documents(docs, tok, cache_dir=tmp_path)
+    assert tok.calls == 4  # the rewritten entry is served

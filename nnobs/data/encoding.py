@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -22,12 +23,9 @@ def encode_documents(
     """
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = cache / f"tokens-{tokenizer.fingerprint}-{docs_fingerprint(docs)}.npz"
-    if path.is_file():
-        try:
-            with np.load(path, allow_pickle=False) as stored:
-                return _unpack(stored["ids"], stored["offsets"])
-        except (OSError, ValueError, KeyError):
-            pass  # a damaged cache file is rewritten below
+    cached = _read_cache(path, len(docs), tokenizer.vocab_size) if path.is_file() else None
+    if cached is not None:
+        return cached
     arrays = []
     for batch in _batches(docs, chars=1_000_000):
         encoded = tokenizer.encode_batch([d.text for d in batch])
@@ -38,6 +36,28 @@ def encode_documents(
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, ids=ids, offsets=offsets)
     return _unpack(ids, offsets)
+
+
+def _read_cache(path: Path, n_docs: int, vocab_size: int) -> list[np.ndarray] | None:
+    """The cached encoding at ``path`` if it is whole and fits: ``n_docs`` documents, every id
+    in the vocabulary. A damaged or edited entry reads as absent and is rewritten: an id out of
+    range would fail deep inside a model's embedding instead."""
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            ids, offsets = stored["ids"], stored["offsets"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
+    fits = (
+        ids.ndim == 1
+        and ids.dtype == np.int32
+        and offsets.shape == (n_docs + 1,)
+        and offsets.dtype.kind == "i"
+        and offsets[0] == 0
+        and offsets[-1] == len(ids)
+        and bool(np.all(np.diff(offsets) >= 0))
+        and (len(ids) == 0 or (ids.min() >= 0 and ids.max() < vocab_size))
+    )
+    return _unpack(ids, offsets) if fits else None
 
 
 def _unpack(ids: np.ndarray, offsets: np.ndarray) -> list[np.ndarray]:
