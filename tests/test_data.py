@@ -1,4 +1,8 @@
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -242,3 +246,22 @@ def test_a_token_cache_that_does_not_fit_is_encoded_again(tmp_path, ids, offsets
     assert [a.tolist() for a in arrays] == [[97, 98], [122]] and tok.calls == 4
     encode_documents(docs, tok, cache_dir=tmp_path)
     assert tok.calls == 4  # the rewritten entry is served
+
+
+def test_an_unreachable_hub_dataset_fails_at_once(tmp_path, python_run):
+    """No network (the Hub's address refuses connections) and nothing cached: one line within
+    seconds, where the Hub client alone retries for half a minute."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "NNOBS_HUB"))}
+    env |= {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf"),
+            "NNOBS_CACHE": str(tmp_path / "cache")}  # fmt: skip
+    argv = [sys.executable, "-m", "nnobs", "ablate", "--model", str(python_run),
+            "--site", "blocks.0.mlp_out", "--corpus", "hf:nnobs-test/absent",
+            "--out", str(tmp_path / "out")]  # fmt: skip
+    start = time.monotonic()
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
+    elapsed = time.monotonic() - start
+    assert done.returncode == 2 and done.stderr.startswith("error: "), done.stderr
+    assert done.stderr.count("\n") == 1 and "Retry" not in done.stderr, done.stderr
+    assert "'nnobs-test/absent' is not in the local Hugging Face cache" in done.stderr
+    assert elapsed < 20, f"{elapsed:.1f} s"  # retrying takes 24 s and more
+    assert not (tmp_path / "out").exists()

@@ -13,14 +13,15 @@ import os
 import re
 import sys
 import sysconfig
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from nnobs.core.errors import NnobsError
+from nnobs.core.errors import NnobsError, first_line
 
 SPLITS = ("train", "validation", "test")
 
@@ -46,6 +47,11 @@ _DATA_FILE_BUILDERS = {
     ".txt": "text",
 }
 _HUB_NAME = re.compile(r"^[\w.-]+/[\w.-]+$")
+# A dataset named on the Hugging Face Hub is loaded from the Hub if it answers within this many
+# seconds, else from the local cache, failing at once if it is not there; with the environment
+# variable set (to anything), datasets is left to retry an unreachable Hub for itself.
+HUB_PROBE_TIMEOUT_S = 5.0
+HUB_RETRIES_ENV = "NNOBS_HUB_RETRIES"
 
 
 @dataclass(frozen=True)
@@ -120,7 +126,8 @@ def load_corpus(
       path: a Hugging Face dataset (one document per row of the chosen split, default
       ``train``); ``<name>`` may also be a local data file or dataset directory. The text
       column is ``text_column``, else the first of "text", "content", "code", else the
-      first string column.
+      first string column. A dataset named on the Hub is read from the local cache when the
+      Hub does not answer within ``HUB_PROBE_TIMEOUT_S`` (see ``HUB_RETRIES_ENV``).
 
     Files are read as UTF-8 (undecodable bytes replaced); empty documents are dropped.
     Within a split, documents are ordered by the hash of their id: a fixed pseudo-random
@@ -303,6 +310,44 @@ def _is_saved_dataset(path: Path) -> bool:
     )
 
 
+@contextmanager
+def _hub_or_cache(name: str) -> Iterator[bool]:
+    """Load a dataset by name from the Hub when it answers within ``HUB_PROBE_TIMEOUT_S``,
+    else from the local cache only (offline mode inside the block): without network, datasets
+    would retry for half a minute before failing. Yields whether the Hub is used."""
+    import datasets
+    import huggingface_hub.constants as hub
+
+    names = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    if hub.HF_HUB_OFFLINE or os.environ.get(HUB_RETRIES_ENV) or _hub_answers(name):
+        yield not hub.HF_HUB_OFFLINE
+        return
+    saved = hub.HF_HUB_OFFLINE, *(getattr(datasets.config, n) for n in names)
+    hub.HF_HUB_OFFLINE = True
+    for n in names:
+        setattr(datasets.config, n, True)
+    try:
+        yield False
+    finally:
+        hub.HF_HUB_OFFLINE = saved[0]
+        for n, value in zip(names, saved[1:], strict=True):
+            setattr(datasets.config, n, value)
+
+
+def _hub_answers(name: str) -> bool:
+    """Whether the Hugging Face Hub answers a question about dataset ``name`` in time."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        HfApi().dataset_info(name, timeout=HUB_PROBE_TIMEOUT_S)
+    except HfHubHTTPError:
+        return True  # it answered (no such dataset, gated, private): load_dataset says which
+    except Exception:  # the hub client raises many types for "no network"
+        return False
+    return True
+
+
 def _read_hf(spec: str, text_column: str | None) -> tuple[list[Document], dict[str, Any]]:
     try:
         import datasets
@@ -314,6 +359,7 @@ def _read_hf(spec: str, text_column: str | None) -> tuple[list[Document], dict[s
     if not at:
         name, split = spec, None
     path = Path(name).expanduser()
+    online = True
     try:
         if _is_saved_dataset(path):
             source = {"kind": "hf-disk", "path": str(path.resolve())}
@@ -333,18 +379,24 @@ def _read_hf(spec: str, text_column: str | None) -> tuple[list[Document], dict[s
         else:
             name, _, config = name.partition(":")
             source = {"kind": "hf", "dataset": name, "config": config or None}
-            data = datasets.load_dataset(name, config or None)
+            with _hub_or_cache(name) as online:
+                data = datasets.load_dataset(name, config or None)
     except NnobsError:
         raise
     except Exception as e:  # datasets and the hub client raise many types for "unavailable"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if not path.exists() and not online:
+            raise NnobsError(
+                f"dataset {name!r} is not in the local Hugging Face cache and the Hub cannot "
+                "be reached: without network access use a local data file or a directory "
+                f"written by save_to_disk (or set {HUB_RETRIES_ENV}=1 to wait for the network)"
+            ) from e
         hint = (
             "the file or directory is not a readable dataset"
             if path.exists()
             else "it is not a local path either; without network access use a local data "
             "file or a directory written by save_to_disk"
         )
-        raise NnobsError(f"cannot load dataset {name!r} ({first}): {hint}") from e
+        raise NnobsError(f"cannot load dataset {name!r} ({first_line(e)}): {hint}") from e
     rows = _pick_split(data, split, spec)
     column = _text_column(rows, text_column, spec)
     label = path.name if path.exists() else name
