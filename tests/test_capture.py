@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from subprocess import PIPE
 
 import numpy as np
 import pytest
@@ -14,7 +19,7 @@ from nnobs.data.windows import Windows, make_windows
 from nnobs.models.adapter import nnobs_adapter
 from nnobs.models.config import ModelConfig
 from nnobs.models.transformer import Transformer
-from nnobs.observe.capture import Capture, capture
+from nnobs.observe.capture import Capture, capture, capture_scratch
 
 VOCAB = 64
 
@@ -185,6 +190,39 @@ def test_a_failed_capture_leaves_no_capture_behind(tmp_path):
     assert not [p for p in tmp_path.rglob("*.tmp")]
     with pytest.raises(NnobsError, match="missing"):
         Capture.load(tmp_path)
+
+
+def test_scratch_of_a_killed_process_is_swept_and_a_live_ones_kept(tmp_path, monkeypatch):
+    # observe and trajectories capture into capture_scratch(); a SIGKILLed one cannot delete
+    # its folder, so the next one created removes the folders whose process is gone.
+    monkeypatch.setenv("NNOBS_CACHE", str(tmp_path))
+    root = tmp_path / "scratch"
+    hold = (
+        "import sys; from nnobs.core.lock import ScratchDir; "
+        f"s = ScratchDir({str(root)!r}, 'nnobs-capture-'); print(s.path, flush=True); "
+        "sys.stdin.read(); s.close()"
+    )
+    killed, live = (
+        subprocess.Popen([sys.executable, "-c", hold], stdin=PIPE, stdout=PIPE, text=True)
+        for _ in range(2)
+    )
+    killed_dir, live_dir = (Path(p.stdout.readline().strip()) for p in (killed, live))
+    (killed_dir / "acts").mkdir()
+    (killed_dir / "acts" / "final.npy").write_bytes(bytes(4096))
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], stdout=PIPE)
+    unlocked = root / f"nnobs-capture-{int(gone.stdout)}-abc"  # a dead PID, no lock file
+    unlocked.mkdir()
+    try:
+        with capture_scratch("nnobs-capture-") as mine:
+            assert mine.is_dir() and mine.parent == root
+            assert not killed_dir.exists() and not unlocked.exists()
+            assert live_dir.is_dir()
+        assert not mine.exists()
+    finally:
+        live.communicate("")
+    assert not live_dir.exists() and not any(root.iterdir())
 
 
 def test_non_finite_loss_and_float16_overflow_are_named():

@@ -34,6 +34,8 @@ from tqdm import tqdm
 
 from nnobs.core.errors import NnobsError
 from nnobs.core.files import atomic_path, read_json, write_json
+from nnobs.core.lock import ScratchDir
+from nnobs.data.corpus import default_cache_dir
 from nnobs.data.windows import Windows
 from nnobs.models.adapter import Edit, ModelAdapter
 from nnobs.models.sites import SITE_KINDS, site_kind
@@ -42,6 +44,13 @@ FORMAT = "nnobs.capture"
 FORMAT_VERSION = 1
 SCALARS = ("loss", "max_softmax", "entropy")
 FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+def capture_scratch(prefix: str) -> ScratchDir:
+    """A working folder for disk-backed captures in ``CACHE/scratch/`` (see
+    :func:`~nnobs.data.corpus.default_cache_dir`), deleted on close. A process killed before
+    it could clean up leaves its folder behind; the next one created removes it."""
+    return ScratchDir(default_cache_dir() / "scratch", prefix)
 
 
 @dataclass

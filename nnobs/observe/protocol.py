@@ -19,8 +19,6 @@ What the numbers mean:
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -35,6 +33,7 @@ from nnobs.data.windows import held_out_splits
 from nnobs.measure import stats
 from nnobs.measure.probes import LinearProbe
 from nnobs.models.adapter import ModelAdapter, provenance
+from nnobs.observe.capture import capture_scratch
 from nnobs.observe.settings import ObserveSettings
 from nnobs.observe.signal import candidate_layers
 from nnobs.observe.splits import (
@@ -89,8 +88,8 @@ def observe(
     settings = settings or ObserveSettings()
     adapter.model.eval()
     docs, policy = held_out_splits(corpus, model_trained_on(adapter, corpus))
-    owns_work_dir = work_dir is None
-    work_dir = Path(work_dir or tempfile.mkdtemp(prefix="nnobs-capture-"))
+    scratch = capture_scratch("nnobs-capture-") if work_dir is None else None
+    work_dir = scratch.path if scratch is not None else Path(work_dir)
     try:
         run = _ProtocolRun(adapter, docs, settings, work_dir, progress, log)
         results = run.measure(domain2)
@@ -109,8 +108,8 @@ def observe(
             "memory": {s: run.data[s].cap.stats for s in SPLITS},
         }
     finally:
-        if owns_work_dir:
-            shutil.rmtree(work_dir, ignore_errors=True)
+        if scratch is not None:
+            scratch.close()
 
 
 class _ProtocolRun:

@@ -27,8 +27,6 @@ optimum, so a warm start could only save a few solver iterations.
 from __future__ import annotations
 
 import math
-import shutil
-import tempfile
 import time
 import weakref
 from collections.abc import Callable
@@ -46,6 +44,7 @@ from nnobs.data.windows import Windows, held_out_splits
 from nnobs.measure.probes import random_head_scores
 from nnobs.models.adapter import ModelAdapter, provenance
 from nnobs.observe.attribute_probes import attribute_profile
+from nnobs.observe.capture import capture_scratch
 from nnobs.observe.settings import ObserveSettings
 from nnobs.observe.signal import candidate_layers, fit_seed_probes, pcorr
 from nnobs.observe.splits import (
@@ -116,9 +115,10 @@ class TrajectoryObserver:
         self.progress, self.log = progress, log
         self.records: dict[int, dict[str, Any]] = {}
         self.random_init: dict[str, Any] | None = None
-        self.work = Path(tempfile.mkdtemp(prefix="nnobs-trajectory-"))
+        scratch = capture_scratch("nnobs-trajectory-")
+        self.work = scratch.path
         # Removed on close() or, failing that, when the observer is garbage-collected.
-        self._cleanup = weakref.finalize(self, shutil.rmtree, self.work, True)
+        self._cleanup = weakref.finalize(self, scratch.close)
         self._docs: dict[str, list] | None = None
         self._policy = ""
         self._windows: dict[str, Windows] | None = None
