@@ -72,7 +72,7 @@ class LiveObserver:
         if not self.out_path.is_file():
             return
         try:
-            previous = load_result(self.out_path)
+            previous = load_result(self.out_path, "nnobs.trajectory")
         except NnobsError:
             return
         if previous.get("settings") != to_plain(asdict(self.observer.settings)):

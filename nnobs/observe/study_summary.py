@@ -220,7 +220,7 @@ def assemble(
         runs = []
         for seed in cfg.seeds:
             run_dir = study_run_dir(out, v.name, seed)
-            doc = load_result(RunDir(run_dir).trajectory_file)
+            doc = load_result(RunDir(run_dir).trajectory_file, "nnobs.trajectory")
             runs.append(run_entry(seed, run_dir, out, doc, outcomes[(v.name, seed)]))
         variants.append(variant_summary(v.name, runs, configs[v.name], v))
     return to_plain(

@@ -448,7 +448,7 @@ def observe_run(
     wanted = [s for s, _ in found]
     if reuse and (out / "trajectory.json").is_file():
         try:
-            previous = load_result(out / "trajectory.json")
+            previous = load_result(out / "trajectory.json", "nnobs.trajectory")
         except NnobsError:
             previous = None
         if (
