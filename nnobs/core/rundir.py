@@ -3,7 +3,8 @@
 A run directory holds ``run.json`` (what was trained, on what), ``metrics.jsonl``,
 ``tokenizer.json`` (a trained BPE) and ``checkpoints/step_NNNNNN/`` (each complete once its
 ``meta.json`` exists; see :mod:`nnobs.training.checkpoint` for how one is written), and the
-results computed from it: ``observe/``, ``trajectory/`` and ``report/``.
+results computed from it: ``observe/``, ``trajectory/`` and ``report/``. While a trainer
+works in it, ``.lock`` is held (:func:`nnobs.core.lock.lock_directory`): one writer at a time.
 """
 
 from __future__ import annotations
