@@ -62,10 +62,14 @@ def lock_directory(
             held.depth += 1
         else:
             try:
-                held = _held[key] = _Held(_acquire(directory, what, hint), created)
+                fd = _try_lock(directory, what, hint)
+                while fd is None:  # lost a race with a holder removing the directory
+                    created = _make_directory(directory, what)
+                    fd = _try_lock(directory, what, hint)
             except BaseException:
                 _remove_empty(created)
                 raise
+            held = _held[key] = _Held(fd, created)
     try:
         yield directory
     finally:
@@ -82,7 +86,8 @@ def _make_directory(directory: Path, what: str) -> list[Path]:
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
-        raise NnobsError(f"{what} {str(directory)!r} is a file: give a directory") from None
+        where = "is a file" if directory.exists() else "lies under a file"
+        raise NnobsError(f"{what} {str(directory)!r} {where}: give a directory") from None
     except OSError as e:
         raise NnobsError(
             f"cannot create {what} {str(directory)!r} ({e.strerror}): {_WRITABLE}"
@@ -90,28 +95,27 @@ def _make_directory(directory: Path, what: str) -> list[Path]:
     return missing
 
 
-def _acquire(directory: Path, what: str, hint: str) -> int:
+def _try_lock(directory: Path, what: str, hint: str) -> int | None:
+    """The locked descriptor of ``directory``'s lock file, or None when the file was removed
+    between opening and locking it (a holder releasing an otherwise empty directory)."""
     lock_path = directory / LOCK_FILE
-    while True:
-        try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise NnobsError(
-                f"cannot write to {what} {str(directory)!r} ({e.strerror}): {_WRITABLE}"
-            ) from e
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 1000, 0).decode("utf-8", "replace").strip() or "pid unknown"
-            os.close(fd)
-            raise NnobsError(
-                f"{what} {str(directory)!r} is in use by another nnobs process ({holder}); {hint}"
-            ) from None
-        # The holder may have removed the file of an empty directory between our open and our
-        # flock: the lock is then on a file nobody else will open, so take the new one.
-        if _is_current(fd, lock_path):
-            break
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise NnobsError(
+            f"cannot write to {what} {str(directory)!r} ({e.strerror}): {_WRITABLE}"
+        ) from e
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 1000, 0).decode("utf-8", "replace").strip() or "pid unknown"
         os.close(fd)
+        raise NnobsError(
+            f"{what} {str(directory)!r} is in use by another nnobs process ({holder}); {hint}"
+        ) from None
+    if not _is_current(fd, lock_path):  # locked a file nobody else will open
+        os.close(fd)
+        return None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"pid {os.getpid()}: {_command()}\n".encode(), 0)
     return fd
