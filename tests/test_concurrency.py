@@ -24,7 +24,7 @@ from nnobs.observe.study_config import parse_study, study_run_dir, variant_confi
 FAST = ["--preset", "tiny", "--no-progress", "--set", "train.max_chars=30000",
         "--set", "train.first_checkpoint=4"]  # fmt: skip
 SHORT = [*FAST, "--set", "train.steps=8"]
-ENDLESS = [*FAST, "--set", "train.steps=1000000"]  # still training when it is raced or killed
+ENDLESS = [*FAST, "--set", "train.steps=100000"]  # still training when it is raced or killed
 
 
 @pytest.fixture(autouse=True)

@@ -73,9 +73,9 @@ _BUSY_RUN = "wait for it or stop it, then re-run the study"
 
 
 def _init_worker(threads: int, parent: int) -> None:
+    _die_with_parent(parent)
     import torch
 
-    _die_with_parent(parent)
     torch.set_num_threads(threads)
 
 
