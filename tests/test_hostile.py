@@ -100,6 +100,7 @@ def _direction_from(content: object) -> Argv:
 
 # ------------------------------------------------------------------------------------ cases
 
+COMMANDS = ("train", "observe", "patch", "ablate", "attribute", "study", "report")
 # What each intervention command needs besides --model and --out.
 INTERVENTIONS = {
     "patch": "--task quote",
@@ -188,6 +189,15 @@ CASES: dict[str, tuple[Argv, str]] = {
         "holds an nnobs.study result, not the nnobs.observe",
     ),
     "direction-newer": (_direction_from(_doc("nnobs.observe", 9)), "written by a newer nnobs"),
+    # usage errors: argparse's own, in one line too
+    **{
+        f"usage-{c}": (f"{c} --frobnicate", "(see nnobs")  # a missing or unknown argument
+        for c in COMMANDS
+    },
+    "usage-unknown-option": ("report {run} --frobnicate", "unrecognized arguments: --frobnicate"),
+    "usage-missing-model": ("patch --task quote --out {tmp}/o", "required: --model"),
+    "usage-not-an-integer": ("study --jobs two", "argument --jobs: invalid int value: 'two'"),
+    "usage-unknown-choice": ("ablate --model {run} --mode nope --out {tmp}/o", "invalid choice"),
     # other bad input, already refused in one line
     "train-unknown-preset": ("train --preset huge --out {tmp}/r", "unknown preset 'huge'"),
     "study-unknown-preset": ("study --preset huge --out {tmp}/r", "unknown study preset 'huge'"),

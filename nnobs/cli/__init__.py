@@ -13,6 +13,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from nnobs.cli.common import OneLineParser
 from nnobs.core.errors import NnobsError
 from nnobs.core.version import __version__
 
@@ -38,7 +39,7 @@ examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="nnobs",
         description=DESCRIPTION,
         epilog=EPILOG,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from nnobs.core.errors import NnobsError
 from nnobs.core.files import check_output_dir
@@ -26,6 +26,14 @@ def int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(
             f"expected integers like 0,2,5 or a range like 43-49, got {text!r}"
         ) from None
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line, ``error: …``, exit status 2, like
+    every other error of the command line (argparse prints the usage block first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def output_dir(out: str | None, default: Path | None = None) -> Path:
