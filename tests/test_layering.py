@@ -129,7 +129,7 @@ def test_modules_and_functions_stay_readable():
         if (lines := len(text.splitlines())) > 500:
             too_long.append(f"{module}: {lines} lines")
         for node in ast.walk(ast.parse(text)):
-            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
-                if (length := node.end_lineno - node.lineno + 1) > 80:
-                    too_long.append(f"{module}.{node.name}: {length} lines")
+            is_function = isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+            if is_function and (length := node.end_lineno - node.lineno + 1) > 80:
+                too_long.append(f"{module}.{node.name}: {length} lines")
     assert not too_long, "\n".join(too_long)
