@@ -13,7 +13,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from nnobs.core.errors import NnobsError
-from nnobs.core.fields import from_fields
+from nnobs.core.fields import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_number,
+    from_fields,
+    is_int,
+)
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "activation": ("relu", "gelu", "swiglu"),
@@ -54,12 +61,23 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         for knob, allowed in CHOICES.items():
-            value = getattr(self, knob)
-            if value not in allowed:
-                raise NnobsError(f"unknown {knob} {value!r}: choose one of {', '.join(allowed)}")
+            check_choice(knob, getattr(self, knob), allowed)
         for knob in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
-            if not isinstance(getattr(self, knob), int) or getattr(self, knob) < 1:
-                raise NnobsError(f"{knob} must be a positive integer, got {getattr(self, knob)!r}")
+            check_int(f"model.{knob}", getattr(self, knob), 1)
+        for knob in ("tie_embeddings", "bias"):
+            check_bool(f"model.{knob}", getattr(self, knob))
+        # The rotation frequencies are base ** (-2i / head_dim): a base of 1 gives every
+        # channel pair the same one, a smaller base makes them rise instead of fall.
+        check_number("model.rope_base", self.rope_base, 1, open_low=True)
+        check_number("model.aux_weight", self.aux_weight, 0)
+        if self.n_kv_heads is not None:
+            check_int("model.n_kv_heads", self.n_kv_heads, 1)
+        if self.aux_layer is not None:
+            check_int("model.aux_layer", self.aux_layer, 0)
+        self._check_shapes()
+
+    def _check_shapes(self) -> None:
+        """The knobs that constrain each other, once each has the right type."""
         if self.d_model % self.n_heads:
             raise NnobsError(
                 f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}: "
@@ -67,24 +85,25 @@ class ModelConfig:
             )
         if self.positions == "rope" and self.head_dim % 2:
             raise NnobsError(f"rope needs an even head dimension, got {self.head_dim}")
-        if self.kv_heads < 1 or self.n_heads % self.kv_heads:
+        if self.n_heads % self.kv_heads:
             raise NnobsError(
                 f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads} "
                 "(grouped-query attention shares each key/value head among a group)"
             )
-        widths = self.mlp_widths
-        if len(widths) != self.n_layers or any(not isinstance(w, int) or w < 1 for w in widths):
+        per_layer = isinstance(self.d_mlp, list)
+        widths = self.d_mlp if per_layer else [] if self.d_mlp is None else [self.d_mlp]
+        if (per_layer and len(widths) != self.n_layers) or any(
+            not is_int(w) or w < 1 for w in widths
+        ):
             raise NnobsError(
-                f"d_mlp must be a positive integer or a list of {self.n_layers} positive "
+                f"model.d_mlp must be a positive integer or a list of {self.n_layers} positive "
                 f"integers (one per layer), got {self.d_mlp!r}"
             )
-        if self.aux_layer is not None and not 0 <= self.aux_layer < self.n_layers:
+        if self.aux_layer is not None and self.aux_layer >= self.n_layers:
             raise NnobsError(
                 f"aux_layer={self.aux_layer} is out of range: "
                 f"the model has layers 0..{self.n_layers - 1}"
             )
-        if self.aux_weight < 0:
-            raise NnobsError(f"aux_weight must be >= 0, got {self.aux_weight}")
 
     @property
     def head_dim(self) -> int:

@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from nnobs.core.errors import NnobsError
-from nnobs.core.fields import from_fields
+from nnobs.core.fields import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_number,
+    from_fields,
+    is_number,
+)
 
 TOKENIZER_KINDS = ("bpe", "byte")
+MAX_SEED = 2**63 - 1  # torch's generators take seeds below 2**64; numpy's take any
+# A checkpoint holds the weights and the optimizer state: more than this many is a mistake.
+MAX_CHECKPOINTS = 10_000
 
 
 @dataclass
@@ -53,19 +64,18 @@ class TrainConfig:
         if isinstance(self.betas, list):
             self.betas = tuple(self.betas)
         for name in ("warmup_steps", "seed"):
-            _check_int(name, getattr(self, name), 0)
+            check_int(f"train.{name}", getattr(self, name), 0, MAX_SEED if name == "seed" else None)
         for name in (
             *("seq_len", "batch_size", "steps", "eval_every", "eval_batches", "log_every"),
             *("first_checkpoint", "checkpoint_every"),
         ):
-            _check_int(name, getattr(self, name), 1)
-        for name in ("max_chars", "data_seed"):
-            if getattr(self, name) is not None:
-                _check_int(name, getattr(self, name), 1 if name == "max_chars" else 0)
+            check_int(f"train.{name}", getattr(self, name), 1)
+        if self.max_chars is not None:
+            check_int("train.max_chars", self.max_chars, 1)
+        if self.data_seed is not None:
+            check_int("train.data_seed", self.data_seed, 0, MAX_SEED)
         for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-                raise NnobsError(f"train.{name} must be a number >= 0, got {value!r}")
+            check_number(f"train.{name}", getattr(self, name), 0)
         if self.lr == 0 or self.min_lr_ratio > 1:
             raise NnobsError(
                 f"train.lr must be > 0 and train.min_lr_ratio at most 1, got lr={self.lr}, "
@@ -74,21 +84,26 @@ class TrainConfig:
         if not (
             isinstance(self.betas, tuple)
             and len(self.betas) == 2
-            and all(isinstance(b, int | float) and 0 <= b < 1 for b in self.betas)
+            and all(is_number(b) and 0 <= b < 1 for b in self.betas)
         ):
             raise NnobsError(f"train.betas must be two numbers in [0, 1), got {self.betas!r}")
-        if self.tokenizer not in TOKENIZER_KINDS:
-            raise NnobsError(
-                f"unknown tokenizer {self.tokenizer!r}: choose one of {', '.join(TOKENIZER_KINDS)}"
-            )
+        check_choice("tokenizer", self.tokenizer, TOKENIZER_KINDS)
         if not isinstance(self.corpus, str) or not self.corpus:
             raise NnobsError(f"train.corpus must be a corpus spec string, got {self.corpus!r}")
-        if not isinstance(self.device, str) or not (
-            self.device in ("auto", "cpu") or self.device.split(":")[0] == "cuda"
+        if not isinstance(self.device, str) or not re.fullmatch(
+            r"auto|cpu|cuda(:\d+)?", self.device
         ):
-            raise NnobsError(f"train.device must be auto, cpu or cuda, got {self.device!r}")
-        if not isinstance(self.bf16, bool):
-            raise NnobsError(f"train.bf16 must be true or false, got {self.bf16!r}")
+            raise NnobsError(
+                f"train.device must be auto, cpu or cuda (cuda:N for one GPU), got {self.device!r}"
+            )
+        check_bool("train.bf16", self.bf16)
+        saves = self.steps // self.checkpoint_every
+        if saves > MAX_CHECKPOINTS:
+            raise NnobsError(
+                f"train.steps={self.steps} with train.checkpoint_every={self.checkpoint_every} "
+                f"saves {saves} checkpoints, more than {MAX_CHECKPOINTS} (each holds the weights "
+                "and the optimizer state): raise checkpoint_every"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -105,8 +120,3 @@ class TrainConfig:
     @property
     def order_seed(self) -> int:
         return self.seed if self.data_seed is None else self.data_seed
-
-
-def _check_int(name: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise NnobsError(f"train.{name} must be an integer >= {low}, got {value!r}")

@@ -65,7 +65,28 @@ def load_streams(
                 f"one window of seq_len={tc.seq_len}: use a larger corpus or max_chars, or a "
                 "smaller seq_len"
             )
+    check_batch_fits(tc, len(train_ids), len(val_ids))
     return TokenStreams(corpus, tokenizer, train_ids, val_ids)
+
+
+def check_batch_fits(tc: TrainConfig, n_train: int, n_validation: int) -> None:
+    """A batch is bounded by the corpus, not by memory: a step's windows must not hold more
+    tokens than the training split, nor the evaluation more windows than the validation split
+    has distinct ones (any more would repeat windows, and only cost memory)."""
+    most = n_train // tc.seq_len
+    if tc.batch_size > most:
+        raise NnobsError(
+            f"train.batch_size={tc.batch_size} windows of seq_len={tc.seq_len} hold more tokens "
+            f"than the training split of corpus {tc.corpus!r} ({n_train}): use a batch_size of "
+            f"at most {most} or a larger corpus"
+        )
+    distinct = n_validation - tc.seq_len
+    if tc.eval_batches * tc.batch_size > distinct:
+        raise NnobsError(
+            f"train.eval_batches={tc.eval_batches} × batch_size={tc.batch_size} validation "
+            f"windows are more than the validation split of corpus {tc.corpus!r} has distinct "
+            f"windows ({distinct}): lower eval_batches or use a larger corpus"
+        )
 
 
 def training_data(streams: TokenStreams, tc: TrainConfig, device: torch.device) -> TrainingData:
