@@ -38,6 +38,8 @@ from nnobs.models.checkpoint import load_safetensors
 from nnobs.models.config import ModelConfig
 
 _TMP_PREFIX = ".tmp-"
+# What restoring an edited state file raises (shapes, types, missing or extra entries).
+_DAMAGE = (LookupError, ValueError, TypeError, AttributeError, RuntimeError, OverflowError)
 
 # ------------------------------------------------------------------ optimizer and RNG state
 
@@ -68,17 +70,56 @@ def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.T
 def restore_optimizer(
     optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], info: dict
 ) -> None:
+    """Load the per-parameter state :func:`optimizer_state` saved into ``optimizer``.
+
+    The optimizer keeps its own hyperparameters: they come from the run's train config, which
+    a resumed run shares. State that does not fit its parameters raises ValueError (checked
+    here: the optimizer itself would fail only at its next step, or not at all).
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    saved_groups = [len(g["params"]) for g in info["param_groups"]]
+    if saved_groups != [len(g["params"]) for g in optimizer.param_groups]:
+        raise ValueError(f"its parameter groups hold {saved_groups} parameters")
     state: dict[int, dict[str, Any]] = {}
     for name, value in tensors.items():
-        index, key = name.split(".", 1)
-        state.setdefault(int(index), {})[key] = value
+        index, _, key = name.partition(".")
+        state.setdefault(_param_index(index, len(params)), {})[key] = value
     for index, values in info["scalars"].items():
-        state.setdefault(int(index), {}).update(values)
-    groups = [
-        {k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
-        for g in info["param_groups"]
-    ]
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+        state.setdefault(_param_index(index, len(params)), {}).update(values)
+    _check_state(optimizer, params, state)
+    optimizer.load_state_dict(
+        {"state": state, "param_groups": optimizer.state_dict()["param_groups"]}
+    )
+
+
+def _check_state(
+    optimizer: torch.optim.Optimizer, params: list[torch.Tensor], state: dict[int, dict]
+) -> None:
+    """Each parameter's state has what the optimizer reads, as float tensors of its shape."""
+    # What Adam and AdamW read at every step. A parameter without state (one that never had a
+    # gradient) is fine: the optimizer starts it afresh.
+    required = {"step", "exp_avg", "exp_avg_sq"}
+    adam = isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW)
+    for index, values in state.items():
+        if adam and required - set(values):
+            raise ValueError(f"parameter {index} lacks {', '.join(sorted(required - set(values)))}")
+        for key, value in values.items():
+            if not isinstance(value, torch.Tensor):
+                if isinstance(value, bool) or not isinstance(value, int | float):
+                    raise ValueError(f"parameter {index}'s {key} is {value!r}, not a number")
+                continue
+            shape = () if key == "step" else tuple(params[index].shape)
+            if not value.is_floating_point() or tuple(value.shape) != shape:
+                raise ValueError(
+                    f"parameter {index}'s {key} is a {value.dtype} tensor of shape "
+                    f"{tuple(value.shape)}, not a float one of shape {shape}"
+                )
+
+
+def _param_index(text: str, n_params: int) -> int:
+    if not text.isdigit() or int(text) >= n_params:
+        raise ValueError(f"its entry {text!r} names none of the {n_params} parameters")
+    return int(text)
 
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
@@ -103,6 +144,8 @@ def restore_rng(tensors: dict[str, torch.Tensor], info: dict) -> None:
     kind, keys, pos, has_gauss, cached = info["numpy"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     version, internal, gauss_next = info["python"]
+    if gauss_next is not None and not isinstance(gauss_next, float):
+        raise ValueError(f"Python's gauss_next is {gauss_next!r}, not a float")  # never checked
     random.setstate((version, tuple(internal), gauss_next))
 
 
@@ -163,15 +206,27 @@ def save_checkpoint(
 # ------------------------------------------------------------------------------ loading
 
 
+def damaged(ckpt: Path, problem: str) -> NnobsError:
+    """The error for a checkpoint a run cannot resume from, and how to resume without it."""
+    return NnobsError(
+        f"checkpoint {str(ckpt)!r} is damaged: {problem}; delete it to resume from the "
+        "checkpoint before it"
+    )
+
+
 def load_training_state(ckpt: Path, optimizer: torch.optim.Optimizer) -> None:
-    """Restore the optimizer and the global RNGs saved with a checkpoint."""
-    info = read_json(ckpt / "optimizer.json", "optimizer state")
-    tensors = load_safetensors(ckpt / "optimizer.safetensors", "optimizer state")
-    try:
-        restore_optimizer(optimizer, tensors, info)
-    except (KeyError, ValueError, TypeError) as e:
-        raise NnobsError(
-            f"optimizer state in {str(ckpt)!r} does not fit the model ({first_line(e)})"
-        ) from e
-    rng_info = read_json(ckpt / "rng.json", "RNG state")
-    restore_rng(load_safetensors(ckpt / "rng.safetensors", "RNG state"), rng_info)
+    """Restore the optimizer and the global RNGs saved with a checkpoint; a missing, damaged
+    or edited state file is one NnobsError (:func:`damaged`)."""
+    for name, what, restore in (
+        ("optimizer", "optimizer state", lambda t, i: restore_optimizer(optimizer, t, i)),
+        ("rng", "RNG state", restore_rng),
+    ):
+        try:
+            info = read_json(ckpt / f"{name}.json", what)
+            restore(load_safetensors(ckpt / f"{name}.safetensors", what), info)
+        except NnobsError as e:
+            raise damaged(ckpt, str(e)) from e
+        except _DAMAGE as e:
+            reason = f"{e.args[0]!r} is missing" if isinstance(e, KeyError) else first_line(e)
+            files = f"{name}.json, {name}.safetensors"
+            raise damaged(ckpt, f"its {what} ({files}) does not fit ({reason})") from e

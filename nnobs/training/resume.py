@@ -19,13 +19,14 @@ import torch
 from torch import nn
 
 from nnobs.core.errors import NnobsError
+from nnobs.core.fields import is_int, is_number
 from nnobs.core.files import check_output_dir, write_json, write_text
 from nnobs.core.rundir import RUN_FORMAT, RunDir, list_checkpoints, read_meta, read_metrics
 from nnobs.core.version import __version__
 from nnobs.models.checkpoint import load_weights
 from nnobs.models.config import ModelConfig
 from nnobs.models.sizing import count_params
-from nnobs.training.checkpoint import load_training_state, remove_partial
+from nnobs.training.checkpoint import damaged, load_training_state, remove_partial
 from nnobs.training.config import TrainConfig
 from nnobs.training.distributed import Distributed
 from nnobs.training.tokens import TokenStreams, load_streams, unigram_loss
@@ -60,12 +61,12 @@ class RunStart:
 def start_or_resume(
     out: Path, mc: ModelConfig, tc: TrainConfig, dd: Distributed, overwrite: bool
 ) -> RunStart | RunResult:
-    """Prepare OUT for this run and load its tokens, or return the result of a finished run."""
-    if overwrite and dd.main and out.exists():
-        check_out_dir(out, mc, tc, overwrite=True)  # refuses directories that are not runs
-        clear_run(out)
-    dd.barrier()
-    run = check_out_dir(out, mc, tc, overwrite=False)
+    """Prepare OUT for this run and load its tokens, or return the result of a finished run.
+
+    Nothing is written (nor, with ``overwrite``, deleted) until the corpus and tokens are
+    known to fit the settings: a refused setting leaves OUT as it was.
+    """
+    run = check_out_dir(out, mc, tc, overwrite)
     found = list_checkpoints(out) if run else []
     if found and found[-1][0] >= tc.steps:
         return _finished(out, run, found[-1], dd)
@@ -84,6 +85,8 @@ def start_or_resume(
     if run is None:
         baseline = unigram_loss(streams.train, streams.validation, mc.vocab_size)
         if dd.main:
+            if overwrite:
+                clear_run(out)
             out.mkdir(parents=True, exist_ok=True)
             run = write_run(out, mc, tc, streams, baseline)
         else:
@@ -115,6 +118,13 @@ def _finished(
 def restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Weights, optimizer and RNG state from the checkpoint at ``path``; its metadata."""
     meta = read_meta(path)
+    # The counts the resumed run goes on from (older checkpoints have no elapsed_s).
+    for key, value, valid in (
+        ("tokens_seen", meta.get("tokens_seen"), is_int),
+        ("elapsed_s", meta.get("elapsed_s", 0.0), is_number),
+    ):
+        if not valid(value) or value < 0:
+            raise damaged(path, f"meta.json has {key} {value!r}, not a count")
     load_weights(model, path)
     load_training_state(path, optimizer)
     return meta
