@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import sys
 import time
@@ -47,7 +48,7 @@ from torch import nn
 from nnobs.core.errors import NnobsError
 from nnobs.core.files import append_jsonl
 from nnobs.core.lock import lock_directory
-from nnobs.core.rundir import RunDir
+from nnobs.core.rundir import RunDir, list_checkpoints
 from nnobs.models.config import ModelConfig
 from nnobs.training.checkpoint import save_checkpoint
 from nnobs.training.config import TrainConfig
@@ -312,6 +313,7 @@ class _Loop:
         if evaluate:
             self.val_loss = _evaluate(s.model, s.data, self.tc, self.dd, self.autocast)
             record["val_loss"] = self.val_loss
+        self.stop_if_diverged(step, record)
         record["elapsed_s"] = round(s.elapsed + time.perf_counter() - self.t0, 3)
         if not self.dd.main:
             return
@@ -328,6 +330,21 @@ class _Loop:
         save_checkpoint(self.out, step, s.model, meta, s.optimizer)
         if self.on_checkpoint is not None:
             self.on_checkpoint(step, s.model, {**meta, "step": step, "total_steps": self.tc.steps})
+
+    def stop_if_diverged(self, step: int, record: dict[str, Any]) -> None:
+        """Stop at a loss that is no longer finite, before it is logged or saved: every
+        checkpoint on disk then holds finite weights. A checkpoint step always evaluates, so
+        weights broken by the step just before it show in the validation loss."""
+        broken = [k for k in ("loss", "val_loss") if k in record and not math.isfinite(record[k])]
+        if not broken:
+            return
+        kept = list_checkpoints(self.out)
+        last = f"the checkpoints up to step {kept[-1][0]} are kept" if kept else "none was saved"
+        raise NnobsError(
+            f"training diverged at step {step}: {broken[0]} is {record[broken[0]]}; {last}. "
+            f"Lower train.lr (now {self.tc.lr:g}) or raise train.warmup_steps, then re-run with "
+            "--overwrite or a new --out"
+        )
 
 
 def _evaluate(
