@@ -8,6 +8,7 @@ import torch
 
 from nnobs.core.rundir import is_nnobs_path
 from nnobs.models.adapter import ModelAdapter, nnobs_adapter
+from nnobs.models.devices import check_device
 
 
 def random_init_like(adapter: ModelAdapter, seed: int = 0) -> ModelAdapter:
@@ -49,6 +50,8 @@ def load_model(
     from nnobs.models import hf
     from nnobs.models.checkpoint import load_checkpoint
 
+    if str(device) != "auto":  # "auto" places a Hugging Face model over what there is
+        check_device(device)
     path = Path(spec)
     if path.exists() and is_nnobs_path(path):
         loaded = load_checkpoint(path, step=step)

@@ -43,6 +43,7 @@ from nnobs.data.corpus import Corpus, corpus_info, load_corpus
 from nnobs.data.windows import Windows, held_out_splits
 from nnobs.measure.probes import random_head_scores
 from nnobs.models.adapter import ModelAdapter, provenance
+from nnobs.models.devices import check_device
 from nnobs.observe.attribute_probes import attribute_profile
 from nnobs.observe.capture import capture_scratch
 from nnobs.observe.settings import ObserveSettings
@@ -432,6 +433,7 @@ def observe_run(
     from nnobs.models.adapter import nnobs_adapter
     from nnobs.models.checkpoint import load_checkpoint
 
+    check_device(device)
     run_dir = Path(run_dir)
     if not RunDir(run_dir).is_run():
         raise NnobsError(f"{str(run_dir)!r} is not an nnobs run directory (no run.json)")

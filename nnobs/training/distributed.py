@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from nnobs.core.errors import NnobsError
+from nnobs.models.devices import check_device
 
 
 @dataclass
@@ -92,6 +93,4 @@ def pick_device(name: str) -> torch.device:
     """The training device ``train.device`` names (``auto``: CUDA when there is one)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise NnobsError("train.device is cuda but no CUDA device is available: use auto or cpu")
-    return torch.device(name)
+    return check_device(name, "train.device")
