@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch import nn
 
+from nnobs.core.errors import NnobsError
 from nnobs.core.rundir import is_nnobs_path
 from nnobs.models.adapter import ModelAdapter, nnobs_adapter
 from nnobs.models.devices import check_device
@@ -34,6 +36,20 @@ def random_init_like(adapter: ModelAdapter, seed: int = 0) -> ModelAdapter:
     return wrap(model, adapter.tokenizer, provenance)
 
 
+def check_finite_weights(model: nn.Module) -> None:
+    """Refuse a model with a weight that is NaN or infinite: every activation downstream would
+    be too, and no precision (float32 included) would help."""
+    for name, weight in model.named_parameters():
+        if weight.device.type == "meta" or not weight.is_floating_point():
+            continue  # offloaded (nothing to read here) or not a number that could overflow
+        bad = int((~torch.isfinite(weight.detach())).sum())
+        if bad:
+            raise NnobsError(
+                f"the model's weights are not finite (checkpoint damaged or diverged): {name} "
+                f"has {bad} non-finite values (NaN or infinite); use another checkpoint"
+            )
+
+
 def load_model(
     spec: str | Path,
     *,
@@ -56,7 +72,10 @@ def load_model(
     if path.exists() and is_nnobs_path(path):
         loaded = load_checkpoint(path, step=step)
         model = loaded.model.to(device=device, dtype=dtype or torch.float32).eval()
-        return nnobs_adapter(model, loaded.tokenizer, loaded.provenance())
-    return hf.load_hf_model(
-        str(spec), device=device, dtype=dtype, trust_remote_code=trust_remote_code
-    )
+        adapter = nnobs_adapter(model, loaded.tokenizer, loaded.provenance())
+    else:
+        adapter = hf.load_hf_model(
+            str(spec), device=device, dtype=dtype, trust_remote_code=trust_remote_code
+        )
+    check_finite_weights(adapter.model)
+    return adapter

@@ -38,6 +38,7 @@ from nnobs.core.lock import ScratchDir
 from nnobs.data.corpus import default_cache_dir
 from nnobs.data.windows import Windows
 from nnobs.models.adapter import Edit, ModelAdapter
+from nnobs.models.load import check_finite_weights
 from nnobs.models.sites import SITE_KINDS, site_kind
 
 FORMAT = "nnobs.capture"
@@ -374,10 +375,14 @@ def capture(
         bar = stack.enter_context(
             tqdm(total=n_windows, desc=desc, unit="window", disable=not progress, leave=False)
         )
-        for first in range(0, n_windows, batch_size):
-            batch = slice(first, first + batch_size)
-            _capture_batch(adapter, windows, batch, writer, edits, fused)
-            bar.update(len(windows.valid[batch]))
+        try:
+            for first in range(0, n_windows, batch_size):
+                batch = slice(first, first + batch_size)
+                _capture_batch(adapter, windows, batch, writer, edits, fused)
+                bar.update(len(windows.valid[batch]))
+        except NnobsError:
+            check_finite_weights(adapter.model)  # non-finite weights, not a precision problem
+            raise
         seconds = time.perf_counter() - start
     stats = {
         "tokens": n,
