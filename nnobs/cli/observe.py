@@ -100,8 +100,8 @@ def run(args: argparse.Namespace) -> int:
         seq_len=args.seq_len,
         batch_size=args.batch_size,
         layers=args.layers,
-        seeds=args.seeds or list(range(43, 50)),
-        n_boot=args.n_boot or 1000,
+        seeds=list(range(43, 50)) if args.seeds is None else args.seeds,
+        n_boot=1000 if args.n_boot is None else args.n_boot,
         random_init_floor=not args.no_random_init_floor,
     )
     model_path = Path(args.model)
@@ -136,8 +136,8 @@ def run_trajectory(args: argparse.Namespace) -> int:
         seq_len=args.seq_len,
         batch_size=args.batch_size,
         layers=args.layers,
-        seeds=args.seeds or defaults.seeds,
-        n_boot=args.n_boot or defaults.n_boot,
+        seeds=defaults.seeds if args.seeds is None else args.seeds,
+        n_boot=defaults.n_boot if args.n_boot is None else args.n_boot,
         attributes=args.attributes,
     )
     out = output_dir(args.out, RunDir(args.model).trajectory_dir)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from nnobs.core.errors import NnobsError
+from nnobs.core.fields import check_bool, check_int, check_number, is_int, is_number
 
 
 @dataclass
@@ -28,14 +29,33 @@ class ObserveSettings:
     window_seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.ex_per_dim < 1:
-            raise NnobsError(f"ex_per_dim must be a positive integer, got {self.ex_per_dim}")
-        if len(self.seeds) < 2:
+        for name in ("ex_per_dim", "batch_size", "n_candidates", "n_boot", "random_heads"):
+            check_int(name, getattr(self, name), 1)
+        for name in ("sweep_seed", "window_seed"):
+            check_int(name, getattr(self, name), 0)
+        if self.seq_len is not None:
+            check_int("seq_len", self.seq_len, 2)
+        if self.layers is not None and not (
+            isinstance(self.layers, list | tuple) and all(is_int(layer) for layer in self.layers)
+        ):
+            raise NnobsError(f"layers must be layer indices (integers), got {self.layers!r}")
+        if not isinstance(self.seeds, list | tuple) or len(self.seeds) < 2:
             raise NnobsError("the protocol needs at least 2 seeds to measure seed agreement")
+        for seed in self.seeds:
+            check_int("each of seeds", seed, 0)
+        if len(set(self.seeds)) != len(self.seeds):
+            raise NnobsError(
+                f"seeds must be distinct, got {self.seeds}: probes of one seed agree with "
+                "themselves, which would overstate seed agreement"
+            )
+        if not isinstance(self.flag_rates, list | tuple) or not all(
+            is_number(rate) and 0 < rate < 1 for rate in self.flag_rates
+        ):
+            raise NnobsError(f"flag_rates must be fractions in (0, 1), got {self.flag_rates!r}")
+        check_bool("random_init_floor", self.random_init_floor)
         if self.store_dtype not in ("float16", "float32"):
             raise NnobsError(f"store_dtype must be float16 or float32, got {self.store_dtype!r}")
-        if not 0 < self.max_depth_fraction <= 1:
-            raise NnobsError("max_depth_fraction must be in (0, 1]")
+        check_number("max_depth_fraction", self.max_depth_fraction, 0, 1, open_low=True)
 
     def token_budget(self, d_model: int) -> int:
         """Scored tokens per split: ``ex_per_dim`` examples per dimension of the stream."""

@@ -56,9 +56,14 @@ def model_trained_on(adapter: ModelAdapter, corpus: Corpus) -> bool:
 
 
 def layer_sites(adapter: ModelAdapter, settings: ObserveSettings) -> dict[int, str]:
-    """The probed site of each layer the settings name (every layer by default)."""
+    """The probed site of each layer the settings name (every layer by default), keyed by its
+    index: a negative layer counts from the end, and results name the layer it resolved to."""
     layers = settings.layers if settings.layers is not None else range(adapter.n_layers)
-    return {layer: adapter.site_name(layer, settings.site_kind) for layer in layers}
+    sites = {}
+    for layer in layers:
+        site = adapter.site_name(layer, settings.site_kind)  # refuses a layer out of range
+        sites[layer % adapter.n_layers] = site
+    return sites
 
 
 def final_site(adapter: ModelAdapter) -> str:
