@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from nnobs.cli.common import add_source, output_dir, subcommand
@@ -72,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     if args.observe:
         from nnobs.observe.live import ObservabilityCallback
 
-        callback = ObservabilityCallback(out)
+        callback = ObservabilityCallback(out, log=lambda msg: print(f"· {msg}", file=sys.stderr))
     result = train(
         model_config,
         train_config,
@@ -88,4 +89,7 @@ def run(args: argparse.Namespace) -> int:
             f"(unigram baseline {result.unigram_loss:.4f}), "
             f"{result.tokens_seen:,} tokens in {result.elapsed_s:.1f} s"
         )
+        warning = callback.check_observed() if callback is not None else None
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
     return 0

@@ -30,7 +30,7 @@ from nnobs.core.errors import NnobsError
 from nnobs.core.rundir import RunDir
 from nnobs.data.corpus import Corpus, load_corpus
 from nnobs.models.adapter import ModelAdapter
-from nnobs.observe.trajectory import TrajectoryObserver, TrajectorySettings
+from nnobs.observe.trajectory import OBSERVED, TrajectoryObserver, TrajectorySettings
 
 
 def live_settings() -> TrajectorySettings:
@@ -129,7 +129,8 @@ class LiveObserver:
                 self.full_cost = seconds
             elif record["status"] == "shrunk":
                 self.full_cost = seconds / fraction
-        self.log(f"step {step}: {record['status']}" + (f" ({note})" if note else ""))
+        why = record["note"]  # the plan's note, or why the measurement failed
+        self.log(f"step {step}: {record['status']}" + (f" ({why})" if why else ""))
         self.write(loss_curve, run)
         return record
 
@@ -197,6 +198,7 @@ class ObservabilityCallback:
         self.progress, self.log = progress, log
         self.live: LiveObserver | None = None
         self._tokenizer = None
+        self.outcomes: dict[int, tuple[str, str | None]] = {}  # step -> (status, note)
 
     def _start(self) -> LiveObserver:
         from nnobs.observe.trajectory import run_corpus
@@ -230,7 +232,7 @@ class ObservabilityCallback:
         adapter = nnobs_adapter(model, self._tokenizer, provenance)
         train_seconds = max(float(meta.get("elapsed_s") or 0.0) - self.live.spent, 1e-9)
         with Measuring(model):
-            self.live.checkpoint(
+            record = self.live.checkpoint(
                 adapter,
                 step,
                 meta["total_steps"],
@@ -239,8 +241,29 @@ class ObservabilityCallback:
                 loss_curve_from_metrics(read_metrics(self.run_dir)),
                 run_summary(self.run_dir),
             )
+        self.outcomes[step] = (record["status"], record["note"])
         if step >= meta["total_steps"]:
             self.close()
+
+    def check_observed(self) -> str | None:
+        """After training: a line on the checkpoints that failed to be measured (None when
+        none did); an NnobsError when not one checkpoint this process met was measured."""
+        failed = {
+            step: note for step, (status, note) in self.outcomes.items() if status == "failed"
+        }
+        if not failed:
+            return None
+        first = failed[min(failed)]
+        if not any(status in OBSERVED for status, _ in self.outcomes.values()):
+            raise NnobsError(
+                f"observation failed at every checkpoint ({first}); the trained run in "
+                f"{str(self.run_dir)!r} is kept: observe it on another corpus with nnobs observe "
+                f"--model {self.run_dir} --all-checkpoints --corpus SPEC"
+            )
+        return (
+            f"observation failed at {len(failed)} of {len(self.outcomes)} checkpoints (steps "
+            f"{', '.join(map(str, sorted(failed)))}; first: {first}); see {self.out_path}"
+        )
 
     def close(self) -> None:
         if self.live is not None:

@@ -51,7 +51,7 @@ from nnobs.core.files import write_json
 from nnobs.core.lock import lock_directory
 from nnobs.models.config import ModelConfig
 from nnobs.observe.study_config import StudyConfig, study_run_dir, variant_configs
-from nnobs.observe.study_summary import assemble
+from nnobs.observe.study_summary import assemble, observed_checkpoints
 from nnobs.observe.trajectory import TrajectorySettings
 from nnobs.training.config import TrainConfig
 
@@ -108,7 +108,8 @@ def run_unit(unit: Unit) -> dict[str, Any]:
     with lock_directory(unit.run_dir, "run directory", _BUSY_RUN):
         result = train(unit.model, unit.train, unit.run_dir, progress=False)
         trained = time.perf_counter()
-        observe_run(unit.run_dir, settings=unit.observe, progress=False)
+        doc = observe_run(unit.run_dir, settings=unit.observe, progress=False)
+    observed_checkpoints(doc, unit.run_dir)  # nothing measured: this run fails, reported as such
     if result.already_complete:
         status = "complete"
     else:

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 from scipy import stats as scipy_stats
 
+from nnobs.core.errors import NnobsError
 from nnobs.core.rundir import RunDir
 from nnobs.models.config import ModelConfig
 from nnobs.models.sizing import count_params
@@ -50,9 +51,22 @@ def _mean(values: list) -> float | None:
     return float(np.mean(kept)) if kept else None
 
 
+def observed_checkpoints(doc: dict, run_dir: Path) -> list[dict]:
+    """The measured checkpoints of a run's trajectory; a run with none cannot enter a study,
+    which is one NnobsError with the first failure's reason."""
+    observed = [r for r in doc["checkpoints"] if r["status"] in OBSERVED]
+    if not observed:
+        notes = [r["note"] for r in doc["checkpoints"] if r.get("note")]
+        raise NnobsError(
+            f"observation failed at every checkpoint of {str(run_dir)!r}"
+            + (f" ({notes[0]})" if notes else "")
+        )
+    return observed
+
+
 def run_entry(seed: int, run_dir: Path, study_dir: Path, doc: dict, outcome: dict) -> dict:
     """One run's numbers for the study: its trajectory condensed, final and peak values."""
-    observed = [r for r in doc["checkpoints"] if r["status"] in OBSERVED]
+    observed = observed_checkpoints(doc, run_dir)
     final = observed[-1]
     by_step = {r["step"]: r for r in observed}
     steps = [r["step"] for r in doc["checkpoints"]]
