@@ -71,6 +71,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--direction-from", metavar="JSON", help="an observe result: test its probe direction"
     )
+    parser.add_argument(
+        "--allow-other-model",
+        action="store_true",
+        help="apply a --direction-from probe whose provenance names another model",
+    )
     parser.add_argument("--direction-mode", choices=("project_out", "scale"), default="project_out")
     parser.add_argument("--factor", type=float, default=0.0, help="scale factor (scale mode)")
     parser.add_argument(
@@ -119,12 +124,21 @@ def _run_direction(args: argparse.Namespace, adapter: ModelAdapter, length: int)
         direction_intervention,
         direction_windows,
         fit_layer_probes,
+        other_model,
         probe_from_observe,
     )
 
     if args.task:
         raise NnobsError("--direction-from measures loss on corpus windows: drop --task")
-    layer, direction = probe_from_observe(load_result(args.direction_from, "nnobs.observe"))
+    observed = load_result(args.direction_from, "nnobs.observe")
+    difference = other_model(observed, adapter)
+    if difference and not args.allow_other_model:
+        raise NnobsError(
+            f"--direction-from {args.direction_from} holds a probe of another model "
+            f"({difference}): observe {args.model} and use that result, or pass "
+            "--allow-other-model to apply it anyway"
+        )
+    layer, direction = probe_from_observe(observed)
     tok = adapter.tokenizer
     windows = direction_windows(tok, args.corpus, args.split, args.windows, length)
     later = list(range(layer + 1, adapter.n_layers))

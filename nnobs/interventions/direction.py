@@ -150,6 +150,25 @@ def probe_from_observe(doc: dict) -> tuple[int, np.ndarray]:
     return int(probe["layer"]), np.asarray(probe["direction"], dtype=np.float64)
 
 
+# What names the weights a result was computed from: a run's checkpoint (config hash, step,
+# path) or a Hugging Face model (config hash, source, revision, commit); the most telling first.
+MODEL_IDENTITY = ("kind", "config_hash", "step", "source", "revision", "commit", "path")
+
+
+def other_model(doc: dict, adapter: ModelAdapter) -> str | None:
+    """How the model an observe result was computed on differs from ``adapter``'s (the first
+    identifying field of their provenance that differs), or None for the same model: a probe
+    direction means nothing in another model's residual stream, even of the same width."""
+    recorded = doc.get("provenance") if isinstance(doc, dict) else None
+    if not isinstance(recorded, dict):
+        return "the result records no provenance"
+    for key in MODEL_IDENTITY:
+        there, here = recorded.get(key), adapter.provenance.get(key)
+        if there != here and (key == "kind" or (there is not None and here is not None)):
+            return f"{key} {there!r} there, {here!r} here"
+    return None
+
+
 def direction_windows(
     tokenizer: Tokenizer, corpus: str, split: str, n_windows: int, length: int, seed: int = 0
 ) -> Windows:
