@@ -12,6 +12,9 @@ from nnobs.core.rundir import is_nnobs_path
 from nnobs.models.adapter import ModelAdapter, nnobs_adapter
 from nnobs.models.devices import check_device
 
+# What a model with NaN or infinite weights is: no setting, float32 included, would help it.
+NONFINITE_WEIGHTS = "the model's weights are not finite (checkpoint damaged or diverged)"
+
 
 def random_init_like(adapter: ModelAdapter, seed: int = 0) -> ModelAdapter:
     """The same architecture with freshly initialised weights: the detection floor's null model."""
@@ -36,18 +39,23 @@ def random_init_like(adapter: ModelAdapter, seed: int = 0) -> ModelAdapter:
     return wrap(model, adapter.tokenizer, provenance)
 
 
-def check_finite_weights(model: nn.Module) -> None:
-    """Refuse a model with a weight that is NaN or infinite: every activation downstream would
-    be too, and no precision (float32 included) would help."""
+def nonfinite_weight(model: nn.Module) -> str | None:
+    """Which weight of ``model`` holds NaN or infinite values (and how many), or None."""
     for name, weight in model.named_parameters():
         if weight.device.type == "meta" or not weight.is_floating_point():
             continue  # offloaded (nothing to read here) or not a number that could overflow
         bad = int((~torch.isfinite(weight.detach())).sum())
         if bad:
-            raise NnobsError(
-                f"the model's weights are not finite (checkpoint damaged or diverged): {name} "
-                f"has {bad} non-finite values (NaN or infinite); use another checkpoint"
-            )
+            return f"{name} has {bad} non-finite values (NaN or infinite)"
+    return None
+
+
+def check_finite_weights(model: nn.Module) -> None:
+    """Refuse a model with a weight that is NaN or infinite: every activation downstream would
+    be too, and no precision (float32 included) would help."""
+    weight = nonfinite_weight(model)
+    if weight is not None:
+        raise NnobsError(f"{NONFINITE_WEIGHTS}: {weight}; use another checkpoint")
 
 
 def load_model(

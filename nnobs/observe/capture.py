@@ -38,7 +38,7 @@ from nnobs.core.lock import ScratchDir
 from nnobs.data.corpus import default_cache_dir
 from nnobs.data.windows import Windows
 from nnobs.models.adapter import Edit, ModelAdapter
-from nnobs.models.load import check_finite_weights
+from nnobs.models.load import NONFINITE_WEIGHTS, nonfinite_weight
 from nnobs.models.sites import SITE_KINDS, site_kind
 
 FORMAT = "nnobs.capture"
@@ -231,6 +231,24 @@ def _site_rows(
     return (rows if keep is None else rows[keep]).flatten(1)
 
 
+class _NonFinite(NnobsError):
+    """Non-finite ``values`` met ``where`` in the model; :func:`capture` adds the cause."""
+
+    def __init__(self, values: str, where: str) -> None:
+        super().__init__(f"{values} {where}")
+        self.values, self.where = values, where
+
+
+def _nonfinite_cause(adapter: ModelAdapter, where: str) -> str:
+    """Why a forward pass gave non-finite values, as advice: broken weights are no precision
+    problem, and only a model in half precision can be helped by float32."""
+    weight = nonfinite_weight(adapter.model)
+    if weight is not None:
+        return f"{NONFINITE_WEIGHTS}: {weight}"
+    half = any(p.dtype in (torch.float16, torch.bfloat16) for p in adapter.model.parameters())
+    return f"the model is numerically broken {where}" + (" — try float32" if half else "")
+
+
 def _row_norms(site: str, rows: torch.Tensor, store: torch.dtype) -> torch.Tensor:
     """Each row's float32 L2 norm, after checking the rows are finite and fit ``store``."""
     norm = rows.float().norm(dim=1)
@@ -238,10 +256,7 @@ def _row_norms(site: str, rows: torch.Tensor, store: torch.dtype) -> torch.Tenso
     worst = float(norm.max()) if len(norm) else 0.0
     if not np.isfinite(worst):
         bad = int((~torch.isfinite(rows)).sum())
-        raise NnobsError(
-            f"{site} has {bad} non-finite values; the model is numerically "
-            "broken at this layer — try float32"
-        )
+        raise _NonFinite(f"{site} has {bad} non-finite values", "at this layer")
     if store == torch.float16 and worst > FLOAT16_MAX:
         peak = float(rows.float().abs().max())
         if peak > FLOAT16_MAX:
@@ -300,10 +315,7 @@ class _Writer:
         # Checked after the sites, so a broken layer is named before its effect.
         bad = int((~torch.isfinite(out[0])).sum())
         if bad:
-            raise NnobsError(
-                f"the loss has {bad} non-finite values; the model is numerically "
-                "broken at its output — try float32"
-            )
+            raise _NonFinite(f"the loss has {bad} non-finite values", "at its output")
         for name, row in zip(SCALARS, out.cpu().numpy(), strict=True):
             self.scalars[name].write(row)
 
@@ -380,9 +392,8 @@ def capture(
                 batch = slice(first, first + batch_size)
                 _capture_batch(adapter, windows, batch, writer, edits, fused)
                 bar.update(len(windows.valid[batch]))
-        except NnobsError:
-            check_finite_weights(adapter.model)  # non-finite weights, not a precision problem
-            raise
+        except _NonFinite as e:
+            raise NnobsError(f"{e.values}; {_nonfinite_cause(adapter, e.where)}") from e
         seconds = time.perf_counter() - start
     stats = {
         "tokens": n,
