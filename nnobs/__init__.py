@@ -4,7 +4,7 @@ The Python API in a few names (imported lazily, so ``nnobs --help`` stays fast):
 
     import nnobs
     model = nnobs.load_model("runs/default")          # nnobs run/checkpoint or a HF causal LM
-    doc = nnobs.observe("runs/default", "stdlib")      # the protocol; a plain-JSON result dict
+    result = nnobs.observe("runs/default", "stdlib")      # the protocol; a plain-JSON result dict
 """
 
 from importlib import import_module

@@ -137,9 +137,9 @@ class LiveObserver:
     def write(self, loss_curve: list[dict[str, Any]], run: dict[str, Any] | None) -> None:
         from nnobs.core.results import to_plain, write_result
 
-        doc = self.observer.document(loss_curve, mode="live", run=run)
-        records = doc["checkpoints"]
-        doc["budget"] = {
+        result = self.observer.document(loss_curve, mode="live", run=run)
+        records = result["checkpoints"]
+        result["budget"] = {
             "fraction": self.budget,
             "min_fraction": self.min_fraction,
             "observe_seconds": round(self.spent, 3),
@@ -148,7 +148,7 @@ class LiveObserver:
             "skipped": [r["step"] for r in records if r["status"] == "skipped"],
             "shrunk": [r["step"] for r in records if r["status"] == "shrunk"],
         }
-        write_result(self.out_path, to_plain(doc))
+        write_result(self.out_path, to_plain(result))
 
     def close(self) -> None:
         self.observer.close()

@@ -293,11 +293,11 @@ def observe_model(
         domain2 = None
     if isinstance(domain2, str):
         domain2 = load_corpus(domain2)
-    doc = to_plain(
+    result = to_plain(
         observe(adapter, corpus, settings=settings, domain2=domain2, progress=progress, log=log)
     )
-    validate(doc)
+    validate(result)
     if out_dir is not None:
         out_dir = Path(out_dir)
-        write_result(out_dir / "observe.json", doc)
-    return doc
+        write_result(out_dir / "observe.json", result)
+    return result

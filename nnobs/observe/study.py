@@ -106,14 +106,14 @@ def run_unit(unit: Unit) -> dict[str, Any]:
 
     start = time.perf_counter()
     with lock_directory(unit.run_dir, "run directory", _BUSY_RUN):
-        result = train(unit.model, unit.train, unit.run_dir, progress=False)
+        run = train(unit.model, unit.train, unit.run_dir, progress=False)
         trained = time.perf_counter()
-        doc = observe_run(unit.run_dir, settings=unit.observe, progress=False)
-    observed_checkpoints(doc, unit.run_dir)  # nothing measured: this run fails, reported as such
-    if result.already_complete:
+        trajectory = observe_run(unit.run_dir, settings=unit.observe, progress=False)
+    observed_checkpoints(trajectory, unit.run_dir)  # none measured: the run fails, reported so
+    if run.already_complete:
         status = "complete"
     else:
-        status = "resumed" if result.resumed_from is not None else "trained"
+        status = "resumed" if run.resumed_from is not None else "trained"
     return {
         "variant": unit.variant,
         "seed": unit.seed,
@@ -169,9 +169,9 @@ def run_study(
         log(f"study {cfg.name}: {size}, {jobs} job(s)")
         _warm_caches(cfg)
         outcomes = _run_units(units, jobs, log)
-        doc = assemble(cfg, out, configs, outcomes, time.perf_counter() - start)
-        write_result(out / "study.json", doc)
-    return doc
+        result = assemble(cfg, out, configs, outcomes, time.perf_counter() - start)
+        write_result(out / "study.json", result)
+    return result
 
 
 def _claim(cfg: StudyConfig, out: Path) -> None:

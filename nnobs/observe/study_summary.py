@@ -51,12 +51,12 @@ def _mean(values: list) -> float | None:
     return float(np.mean(kept)) if kept else None
 
 
-def observed_checkpoints(doc: dict, run_dir: Path) -> list[dict]:
+def observed_checkpoints(trajectory: dict, run_dir: Path) -> list[dict]:
     """The measured checkpoints of a run's trajectory; a run with none cannot enter a study,
     which is one NnobsError with the first failure's reason."""
-    observed = [r for r in doc["checkpoints"] if r["status"] in OBSERVED]
+    observed = [r for r in trajectory["checkpoints"] if r["status"] in OBSERVED]
     if not observed:
-        notes = [r["note"] for r in doc["checkpoints"] if r.get("note")]
+        notes = [r["note"] for r in trajectory["checkpoints"] if r.get("note")]
         raise NnobsError(
             f"observation failed at every checkpoint of {str(run_dir)!r}"
             + (f" ({notes[0]})" if notes else "")
@@ -64,17 +64,17 @@ def observed_checkpoints(doc: dict, run_dir: Path) -> list[dict]:
     return observed
 
 
-def run_entry(seed: int, run_dir: Path, study_dir: Path, doc: dict, outcome: dict) -> dict:
+def run_entry(seed: int, run_dir: Path, study_dir: Path, trajectory: dict, outcome: dict) -> dict:
     """One run's numbers for the study: its trajectory condensed, final and peak values."""
-    observed = observed_checkpoints(doc, run_dir)
+    observed = observed_checkpoints(trajectory, run_dir)
     final = observed[-1]
     by_step = {r["step"]: r for r in observed}
-    steps = [r["step"] for r in doc["checkpoints"]]
+    steps = [r["step"] for r in trajectory["checkpoints"]]
 
     def series(fn) -> list:
         return [fn(by_step[s]) if s in by_step else None for s in steps]
 
-    collapse = doc.get("collapse") or {}
+    collapse = trajectory.get("collapse") or {}
     return {
         "seed": seed,
         "run_dir": str(run_dir.relative_to(study_dir)),
@@ -82,7 +82,7 @@ def run_entry(seed: int, run_dir: Path, study_dir: Path, doc: dict, outcome: dic
         "train_seconds": outcome["train_seconds"],
         "observe_seconds": outcome["observe_seconds"],
         "steps": steps,
-        "val_loss": [r["val_loss"] for r in doc["checkpoints"]],
+        "val_loss": [r["val_loss"] for r in trajectory["checkpoints"]],
         "best_pcorr": series(lambda r: r["best"]["ensemble"]),
         "best_layer": series(lambda r: r["best"]["layer"]),
         "best_ci95": series(lambda r: r["best"]["ensemble_ci95"]),
@@ -99,8 +99,8 @@ def run_entry(seed: int, run_dir: Path, study_dir: Path, doc: dict, outcome: dic
             "val_loss": final["val_loss"],
         },
         "peak_pcorr": max(r["best"]["ensemble"] for r in observed),
-        "unigram_loss": (doc.get("run") or {}).get("unigram_baseline_loss"),
-        "floor": (doc.get("floor") or {}).get("value"),
+        "unigram_loss": (trajectory.get("run") or {}).get("unigram_baseline_loss"),
+        "floor": (trajectory.get("floor") or {}).get("value"),
         "collapse": {
             k: collapse.get(k) for k in ("verdict", "reason", "layer", "collapse_step", "peak_step")
         },
@@ -234,8 +234,8 @@ def assemble(
         runs = []
         for seed in cfg.seeds:
             run_dir = study_run_dir(out, v.name, seed)
-            doc = load_result(RunDir(run_dir).trajectory_file, "nnobs.trajectory")
-            runs.append(run_entry(seed, run_dir, out, doc, outcomes[(v.name, seed)]))
+            trajectory = load_result(RunDir(run_dir).trajectory_file, "nnobs.trajectory")
+            runs.append(run_entry(seed, run_dir, out, trajectory, outcomes[(v.name, seed)]))
         variants.append(variant_summary(v.name, runs, configs[v.name], v))
     return to_plain(
         {

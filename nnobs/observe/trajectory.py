@@ -475,11 +475,11 @@ def observe_run(
             observer.observe(adapter, step, meta=loaded.meta)
         if 0 not in observer.records:
             observer.observe_random_init(adapter)
-        doc = observer.document(
+        result = observer.document(
             loss_curve_from_metrics(read_metrics(run_dir)),
             mode="post_hoc",
             run=run_summary(run_dir),
         )
-    doc = to_plain(doc)
-    write_result(out / "trajectory.json", doc)
-    return doc
+    result = to_plain(result)
+    write_result(out / "trajectory.json", result)
+    return result
