@@ -17,8 +17,13 @@ LAYERS = {
     "training": 3,
     "observe": 4,
     "interventions": 5,
-    "report": 6,
-    "cli": 7,
+    # One subpackage per method family; each may use interventions and everything below.
+    "circuits": 6,
+    "routing": 6,
+    "seeding": 6,
+    "features": 6,
+    "report": 7,
+    "cli": 8,
 }
 
 
