@@ -203,3 +203,28 @@ def test_rank_once_bootstrap_matches_re_ranking_every_resample():
     slow = stats.bootstrap_ci(stats.partial_spearman, x, y, z, n_boot=400, groups=groups, seed=1)
     assert fast[0] < stats.partial_spearman(x, y, z) < fast[1]
     np.testing.assert_allclose(fast, slow, atol=0.01)
+
+
+def test_degenerate_resamples_are_dropped_and_counted_not_fatal():
+    # Five documents; the second covariate varies only inside document 0, so every resample
+    # that misses document 0 (about a third of them) has a constant covariate: a singular
+    # design. The run must go on, with those resamples counted as undefined.
+    rng = np.random.default_rng(3)
+    groups = np.repeat(np.arange(5), 40)
+    x = rng.standard_normal(200)
+    y = 0.5 * x + rng.standard_normal(200)
+    c = np.column_stack([rng.standard_normal(200), np.where(groups == 0, x, 0.0)])
+    values = stats.partial_spearman_replicates(x, y, c, n_boot=300, groups=groups)
+    undefined = np.isnan(values).mean()
+    assert 0.2 < undefined < 0.5  # (4/5)^5 = 0.33 of resamples miss document 0
+    lo, hi = stats.partial_spearman_ci(x, y, c, n_boot=300, groups=groups)
+    assert np.isfinite([lo, hi]).all() and lo < stats.partial_spearman(x, y, c) < hi
+    # When most resamples are undefined the interval is refused with one clear line: with
+    # three documents, the covariate varying only in one and x only in another, a resample
+    # is defined only when it draws both (44%).
+    three = np.repeat(np.arange(3), 40)
+    x3 = np.where(three == 1, rng.standard_normal(120), 0.0)
+    c3 = np.column_stack([rng.standard_normal(120), np.where(three == 0, rng.random(120), 0.0)])
+    y3 = x3 + rng.standard_normal(120)
+    with pytest.raises(NnobsError, match="bootstrap resamples had a defined statistic"):
+        stats.partial_spearman_ci(x3, y3, c3, n_boot=300, groups=three)

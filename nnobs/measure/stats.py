@@ -306,17 +306,16 @@ def bootstrap_ci(
     return float(lo), float(hi)
 
 
-def partial_spearman_ci(
+def partial_spearman_replicates(
     x: np.ndarray,
     y: np.ndarray,
     covariates: np.ndarray | None = None,
     *,
     n_boot: int = 1000,
-    confidence: float = 0.95,
     seed: int = 0,
     groups: np.ndarray | None = None,
-) -> tuple[float, float]:
-    """Percentile bootstrap interval of :func:`partial_spearman`, fast enough for every layer.
+) -> np.ndarray:
+    """Bootstrap replicates of :func:`partial_spearman`, fast enough for every layer.
 
     Every variable is ranked once on the full sample; each resample is then a weighted
     least-squares fit of the rank rows, computed for blocks of resamples at once.
@@ -324,14 +323,16 @@ def partial_spearman_ci(
     is large, so this matches re-ranking each resample to well under the interval's own
     Monte-Carlo error (checked in the tests) at a fraction of the cost.
     ``groups`` resamples whole groups (documents), as :func:`bootstrap_ci` does.
+
+    A resample in which the statistic is undefined (a covariate or variable constant over the
+    documents drawn, e.g. a nearly constant loss prediction on few documents) gives NaN
+    instead of failing the run; callers count them.
     """
     x = as_vector("x", x)
     n = len(x)
     y = as_vector("y", y, n)
     if n_boot < 2:
         raise NnobsError(f"n_boot must be at least 2, got {n_boot}")
-    if not 0 < confidence < 1:
-        raise NnobsError(f"confidence must be in (0, 1), got {confidence}")
     partial_spearman(x, y, covariates)  # validates the inputs once, with clear errors
     cov = np.zeros((n, 0)) if covariates is None else rank(as_covariates(covariates, n))
     table = np.column_stack([rank(x), rank(y), cov, np.ones(n)])
@@ -352,13 +353,64 @@ def partial_spearman_ci(
         size = min(block, n_boot - start)
         counts = rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=size)
         gram = (counts[:, group_of].astype(np.float64) @ products).reshape(size, p, p)
-        xy, cc, xc = gram[:, :2, :2], gram[:, 2:, 2:], gram[:, :2, 2:]
-        schur = xy - xc @ np.linalg.solve(cc, np.swapaxes(xc, 1, 2))
-        denom = np.sqrt(np.clip(schur[:, 0, 0] * schur[:, 1, 1], 1e-300, None))
-        values[start : start + size] = schur[:, 0, 1] / denom
+        values[start : start + size] = _gram_partial_correlation(gram)
+    return values
+
+
+def _gram_partial_correlation(gram: np.ndarray) -> np.ndarray:
+    """Partial correlation of columns 0 and 1 given the rest, from a stack of Gram matrices;
+    NaN where the covariates' block is singular or a residual vanishes."""
+    xy, cc, xc = gram[:, :2, :2], gram[:, 2:, 2:], gram[:, :2, 2:]
+    # A singular covariate block (a covariate constant over the rows drawn) is degenerate:
+    # solve against the identity there and discard the value.
+    scale = np.abs(np.diagonal(cc, axis1=1, axis2=2)).max(axis=1, keepdims=True)
+    singular = np.linalg.cond(cc / np.maximum(scale, 1e-300)[:, :, None]) > 1e12
+    cc = np.where(singular[:, None, None], np.eye(cc.shape[1]), cc)
+    schur = xy - xc @ np.linalg.solve(cc, np.swapaxes(xc, 1, 2))
+    variance = schur[:, 0, 0] * schur[:, 1, 1]
+    tiny = _DEGENERATE_RTOL * np.diagonal(xy, axis1=1, axis2=2).prod(axis=1)
+    bad = singular | (variance <= tiny) | (schur[:, 0, 0] <= 0) | (schur[:, 1, 1] <= 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        values = schur[:, 0, 1] / np.sqrt(np.where(bad, 1.0, variance))
+    return np.where(bad, np.nan, values)
+
+
+def percentile_interval(
+    replicates: np.ndarray, confidence: float = 0.95, *, min_valid: float = 0.5
+) -> tuple[float, float]:
+    """Percentile interval of bootstrap replicates, ignoring NaN (degenerate resamples);
+    refuses when fewer than ``min_valid`` of them are usable."""
+    if not 0 < confidence < 1:
+        raise NnobsError(f"confidence must be in (0, 1), got {confidence}")
+    finite = np.asarray(replicates, dtype=np.float64)
+    finite = finite[np.isfinite(finite)]
+    if len(finite) < max(2, min_valid * len(replicates)):
+        raise NnobsError(
+            f"only {len(finite)} of {len(replicates)} bootstrap resamples had a defined "
+            "statistic (too few documents, or a variable constant within most of them); "
+            "measure more documents"
+        )
     alpha = (1 - confidence) / 2
-    lo, hi = np.percentile(values, [100 * alpha, 100 * (1 - alpha)])
+    lo, hi = np.percentile(finite, [100 * alpha, 100 * (1 - alpha)])
     return float(lo), float(hi)
+
+
+def partial_spearman_ci(
+    x: np.ndarray,
+    y: np.ndarray,
+    covariates: np.ndarray | None = None,
+    *,
+    n_boot: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    groups: np.ndarray | None = None,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of :func:`partial_spearman`
+    (:func:`partial_spearman_replicates`; degenerate resamples are left out)."""
+    if not 0 < confidence < 1:
+        raise NnobsError(f"confidence must be in (0, 1), got {confidence}")
+    values = partial_spearman_replicates(x, y, covariates, n_boot=n_boot, seed=seed, groups=groups)
+    return percentile_interval(values, confidence)
 
 
 def seed_agreement(scores: Sequence[np.ndarray]) -> float:
