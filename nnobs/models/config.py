@@ -30,6 +30,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "positions": ("learned", "rope"),
 }
 
+# Knobs whose unset value (None) is not written (see ModelConfig.to_dict).
+LATER_KNOBS = frozenset({"d_head"})
+
 
 @dataclass
 class ModelConfig:
@@ -37,8 +40,10 @@ class ModelConfig:
 
     ``d_mlp`` may be one width for every layer or a list with one width per layer (a
     bottleneck is a layer with a small width). ``n_kv_heads`` below ``n_heads`` gives
-    grouped-query attention. ``aux_layer``/``aux_weight`` add intermediate supervision:
-    a next-token loss read out from block ``aux_layer`` through the final norm and unembedding.
+    grouped-query attention. ``d_head`` sets the channels per head apart from ``d_model``
+    (default ``d_model / n_heads``), so heads can be added at a fixed width.
+    ``aux_layer``/``aux_weight`` add intermediate supervision: a next-token loss read out
+    from block ``aux_layer`` through the final norm and unembedding.
     """
 
     vocab_size: int = 4096
@@ -58,6 +63,7 @@ class ModelConfig:
     rope_base: float = 10000.0
     aux_layer: int | None = None
     aux_weight: float = 0.0
+    d_head: int | None = None
 
     def __post_init__(self) -> None:
         for knob, allowed in CHOICES.items():
@@ -74,11 +80,13 @@ class ModelConfig:
             check_int("model.n_kv_heads", self.n_kv_heads, 1)
         if self.aux_layer is not None:
             check_int("model.aux_layer", self.aux_layer, 0)
+        if self.d_head is not None:
+            check_int("model.d_head", self.d_head, 1)
         self._check_shapes()
 
     def _check_shapes(self) -> None:
         """The knobs that constrain each other, once each has the right type."""
-        if self.d_model % self.n_heads:
+        if self.d_head is None and self.d_model % self.n_heads:
             raise NnobsError(
                 f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}: "
                 "pick a width that is a multiple of the head count"
@@ -107,8 +115,8 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        """Channels per attention head."""
-        return self.d_model // self.n_heads
+        """Channels per attention head (``d_head``, else ``d_model / n_heads``)."""
+        return self.d_model // self.n_heads if self.d_head is None else self.d_head
 
     @property
     def kv_heads(self) -> int:
@@ -125,8 +133,10 @@ class ModelConfig:
         return list(self.d_mlp)
 
     def to_dict(self) -> dict[str, Any]:
-        """The knobs as a JSON-able dict (what run.json and checkpoints store)."""
-        return dataclasses.asdict(self)
+        """The knobs as a JSON-able dict (what run.json and checkpoints store). Knobs added
+        later are left out while unset, so existing runs keep their stored config and hash."""
+        data = dataclasses.asdict(self)
+        return {k: v for k, v in data.items() if not (k in LATER_KNOBS and v is None)}
 
     @staticmethod
     def upgrade_dict(data: dict[str, Any]) -> dict[str, Any]:

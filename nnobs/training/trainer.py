@@ -50,7 +50,7 @@ from nnobs.core.files import append_jsonl
 from nnobs.core.lock import lock_directory
 from nnobs.core.rundir import RunDir, list_checkpoints
 from nnobs.models.config import ModelConfig
-from nnobs.training.checkpoint import save_checkpoint
+from nnobs.training.checkpoint import damaged, save_checkpoint
 from nnobs.training.config import TrainConfig
 from nnobs.training.distributed import Distributed, init_distributed, pick_device
 from nnobs.training.resume import RunResult, RunStart, restore, start_or_resume, truncate_metrics
@@ -75,6 +75,48 @@ class StepHook(Protocol):
     def on_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None: ...
 
 
+class ExtraObjective(nn.Module):
+    """A training objective around the model's own loss, with trainable parameters of its own
+    (an auxiliary head on an activation, say): where an extra loss plugs into training.
+
+    ``forward(model, idx, targets, starts)`` returns the loss to optimise and its logged parts;
+    ``starts`` are where the batch's windows begin in the training token stream, for labels
+    that follow the stream. Its parameters are trained by the run's optimizer and saved with
+    every checkpoint, in ``meta.json`` as exact float lists (so meant for small heads), with
+    :meth:`settings`; a run resumes only under equal settings. It must be built the same (same
+    seed) in every process of a run.
+    """
+
+    def settings(self) -> dict[str, Any]:
+        """What the objective computes, as JSON: recorded with each checkpoint."""
+        raise NotImplementedError
+
+    def forward(
+        self, model: nn.Module, idx: torch.Tensor, targets: torch.Tensor, starts: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def checkpoint_entry(self) -> dict[str, Any]:
+        """Settings and parameters as ``meta.json`` holds them (float32 lists are exact)."""
+        weights = {k: v.detach().cpu().tolist() for k, v in self.state_dict().items()}
+        return {"settings": self.settings(), "weights": weights}
+
+    def restore_entry(self, entry: Any, ckpt: Path) -> None:
+        """Load what :meth:`checkpoint_entry` saved, bit for bit; anything else is refused."""
+        if not isinstance(entry, dict) or entry.get("settings") != self.settings():
+            found = entry.get("settings") if isinstance(entry, dict) else None
+            raise NnobsError(
+                f"checkpoint {str(ckpt)!r} was trained with extra objective {found!r}, not "
+                f"{self.settings()!r}: resume with the same settings or use a new --out"
+            )
+        own = self.state_dict()
+        try:
+            loaded = {k: torch.tensor(entry["weights"][k], dtype=v.dtype) for k, v in own.items()}
+            self.load_state_dict(loaded, strict=True)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise damaged(ckpt, f"its extra objective's weights do not fit ({e})") from e
+
+
 def train(
     model_config: ModelConfig,
     train_config: TrainConfig,
@@ -84,6 +126,7 @@ def train(
     overwrite: bool = False,
     on_checkpoint: CheckpointHook | None = None,
     hooks: Sequence[StepHook] = (),
+    extra: ExtraObjective | None = None,
 ) -> RunResult:
     """Train (or resume, or confirm finished) the run in ``out_dir``; see the module doc.
 
@@ -91,8 +134,10 @@ def train(
     checkpoint is saved, with the model in training mode and ``meta`` the checkpoint's
     metadata plus ``total_steps`` (live observability, :mod:`nnobs.observe.live`, hooks in here).
     Each of ``hooks`` has its ``on_step(model, optimizer, step)`` called after every optimiser
-    step (:class:`StepHook`). The main process holds ``out``'s lock
-    (:func:`~nnobs.core.lock.lock_directory`) throughout: a second trainer there is refused.
+    step (:class:`StepHook`). ``extra`` replaces the model's loss by an objective with its own
+    trained and checkpointed parameters (:class:`ExtraObjective`). The main process holds
+    ``out``'s lock (:func:`~nnobs.core.lock.lock_directory`) throughout: a second trainer
+    there is refused.
     """
     mc, tc, out = model_config, train_config, Path(out_dir)
     if tc.seq_len > mc.max_seq_len:
@@ -112,7 +157,7 @@ def train(
             start = start_or_resume(out, mc, tc, dd, overwrite)
             if isinstance(start, RunResult):
                 return start
-            state = _build(mc, tc, out, device, dd, start)
+            state = _build(mc, tc, out, device, dd, start, extra)
             return _Loop(state, tc, out, dd, on_checkpoint, hooks).run(progress)
     finally:
         dd.close()
@@ -127,6 +172,7 @@ class _State:
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
+    extra: ExtraObjective | None
     data: TrainingData
     device: torch.device
     run: dict[str, Any]
@@ -144,6 +190,7 @@ def _build(
     device: torch.device,
     dd: Distributed,
     start: RunStart,
+    extra: ExtraObjective | None = None,
 ) -> _State:
     """Model, optimizer and data on ``device``, restored from the checkpoint a resumed run
     starts from."""
@@ -158,10 +205,21 @@ def _build(
         "corpus": {"spec": tc.corpus, "fingerprint": start.streams.corpus.fingerprint},
         "seed": tc.seed,
     }
-    state = _State(model, _optimizer(model, tc, device), data, device, start.run, meta_base)
+    if extra is not None:
+        extra.to(device)
+    optimizer = build_optimizer(model, tc, device, extra)
+    state = _State(model, optimizer, extra, data, device, start.run, meta_base)
     if start.checkpoint is not None:
         step, path = start.checkpoint
         meta = restore(path, model, state.optimizer)
+        if extra is not None or "extra_objective" in meta:
+            if extra is None:
+                raise NnobsError(
+                    f"checkpoint {str(path)!r} was trained with an extra objective "
+                    f"{meta['extra_objective'].get('settings')!r}: resume it with the same one"
+                )
+            extra.restore_entry(meta.get("extra_objective"), path)
+            extra.to(device)
         state.step, state.tokens_seen, state.resumed_from = step, meta["tokens_seen"], step
         state.elapsed = meta.get("elapsed_s", 0.0)
         if dd.main:
@@ -171,10 +229,18 @@ def _build(
     return state
 
 
-def _optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+def build_optimizer(
+    model: nn.Module,
+    cfg: TrainConfig,
+    device: torch.device,
+    extra: ExtraObjective | None = None,
+) -> torch.optim.AdamW:
+    """The run's AdamW: weight decay on matrices, not on norms, biases or embeddings; the
+    extra objective's parameters (if any) come after the model's."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     decay, no_decay = [], []
-    for p in model.parameters():
+    extra_params = list(extra.parameters()) if extra is not None else []
+    for p in [*model.parameters(), *extra_params]:
         (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay},
@@ -187,14 +253,16 @@ def _optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torc
 class _Objective(nn.Module):
     """The model's training loss as ``forward``, so DDP hooks the pass that is trained."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, extra: ExtraObjective | None) -> None:
         super().__init__()
-        self.model = model
+        self.model, self.extra = model, extra
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor
+        self, idx: torch.Tensor, targets: torch.Tensor, starts: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return self.model.training_loss(idx, targets)
+        if self.extra is None:
+            return self.model.training_loss(idx, targets)
+        return self.extra(self.model, idx, targets, starts)
 
 
 # ----------------------------------------------------------------------------------- loop
@@ -222,10 +290,11 @@ class _Loop:
         )
         self.saves = set(checkpoint_steps(tc.steps, tc.first_checkpoint, tc.checkpoint_every))
         self.val_loss: float | None = None
-        self.objective = dd.wrap(_Objective(state.model), state.device)
+        self.objective = dd.wrap(_Objective(state.model, state.extra), state.device)
         self.rows = dd.slice(tc.batch_size)
         self.offsets = torch.arange(tc.seq_len + 1, device=state.device)
-        self.params = list(state.model.parameters())
+        extra_params = list(state.extra.parameters()) if state.extra is not None else []
+        self.params = [*state.model.parameters(), *extra_params]
         self.t0 = 0.0  # when this process started training
 
     def run(self, progress: bool) -> RunResult:
@@ -290,7 +359,7 @@ class _Loop:
         for group in s.optimizer.param_groups:
             group["lr"] = lr
         with self.autocast():
-            loss, parts = self.objective(window[:, :-1], window[:, 1:])
+            loss, parts = self.objective(window[:, :-1], window[:, 1:], index[:, 0])
         loss.backward()
         if tc.grad_clip > 0:
             nn.utils.clip_grad_norm_(self.params, tc.grad_clip)
@@ -327,6 +396,8 @@ class _Loop:
             "elapsed_s": record["elapsed_s"],
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
+        if s.extra is not None:
+            meta["extra_objective"] = s.extra.checkpoint_entry()
         save_checkpoint(self.out, step, s.model, meta, s.optimizer)
         if self.on_checkpoint is not None:
             self.on_checkpoint(step, s.model, {**meta, "step": step, "total_steps": self.tc.steps})
