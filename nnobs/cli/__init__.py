@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "nnobs.cli.ablate",
     "nnobs.cli.attribute",
     "nnobs.cli.study",
+    "nnobs.cli.features",
     "nnobs.cli.grow",
     "nnobs.cli.report",
 ]
