@@ -239,8 +239,8 @@ def test_residual_strategies_add_or_replace():
     stream, out = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
     assert torch.equal(RESIDUAL_PATHS["add"]().write(stream, out), stream + out)
     assert torch.equal(RESIDUAL_PATHS["none"]().write(stream, out), out)
-    for residual in RESIDUAL_PATHS.values():
-        assert residual().read(stream, None) is stream
+    for residual in ("add", "none"):  # the stateless strategies read the plain stream
+        assert RESIDUAL_PATHS[residual]().read(stream, None) is stream
 
 
 def test_a_strategy_that_asks_for_sources_is_handed_every_earlier_output():

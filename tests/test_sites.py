@@ -10,7 +10,7 @@ import torch
 from nnobs.interventions.targets import position_axis
 from nnobs.models.adapter import nnobs_adapter
 from nnobs.models.config import ModelConfig
-from nnobs.models.sites import LAYER_SITE_KINDS, SITE_KINDS
+from nnobs.models.sites import LAYER_SITE_KINDS, ROUTE_SITE_KINDS, SITE_KINDS
 from nnobs.models.transformer import Transformer
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -35,8 +35,13 @@ def test_readme_table_lists_exactly_the_registry():
 def test_model_sites_are_the_registry_kinds_in_forward_order():
     sites = list(Transformer(CONFIG).hook_points())
     expected = ["embed"]
-    expected += [f"blocks.{layer}.{kind}" for layer in range(2) for kind in LAYER_SITE_KINDS]
+    kinds = [kind for kind in LAYER_SITE_KINDS if kind not in ROUTE_SITE_KINDS]
+    expected += [f"blocks.{layer}.{kind}" for layer in range(2) for kind in kinds]
     assert sites == [*expected, "final"]
+    routed = list(Transformer(CONFIG.replace(residual="attnres")).hook_points())
+    expected = ["embed"]
+    expected += [f"blocks.{layer}.{kind}" for layer in range(2) for kind in LAYER_SITE_KINDS]
+    assert routed == [*expected, "final"]
 
 
 def test_activations_have_the_registry_shapes():
@@ -54,10 +59,12 @@ def test_position_and_unit_axes():
     assert axes == {
         "embed": (1, None),
         "resid_pre": (1, None),
+        "route_attn": (1, None),
         "attn_pattern": (2, 1),
         "head_out": (1, 2),
         "attn_out": (1, None),
         "resid_mid": (1, None),
+        "route_mlp": (1, None),
         "mlp_hidden": (1, 2),
         "mlp_out": (1, None),
         "resid_post": (1, None),

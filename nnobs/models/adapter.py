@@ -23,7 +23,7 @@ from torch import nn
 
 from nnobs.core.errors import NnobsError
 from nnobs.core.version import __version__
-from nnobs.models.sites import LAYER_SITE_KINDS
+from nnobs.models.sites import LAYER_SITE_KINDS, ROUTE_SITE_KINDS
 
 Edit = Callable[[torch.Tensor], torch.Tensor]
 
@@ -121,6 +121,13 @@ class ModelAdapter:
                 raise NnobsError(
                     f"site {site!r}: layer {layer} is out of range, the model has layers "
                     f"0..{self.n_layers - 1}"
+                )
+            if match.group(2) in ROUTE_SITE_KINDS:
+                residual = self.provenance.get("config", {}).get("residual", "add")
+                raise NnobsError(
+                    f"site {site!r} needs a routed residual, and this model's residual is "
+                    f"{residual!r}: train with model.residual = 'attnres' or wrap the model "
+                    "(nnobs routing --wrap-blocks N)"
                 )
             raise NnobsError(
                 f"site {site!r} is not available in this architecture "

@@ -26,12 +26,12 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "activation": ("relu", "gelu", "swiglu"),
     "norm": ("layernorm", "rmsnorm", "none"),
     "norm_placement": ("pre", "post"),
-    "residual": ("add", "none"),
+    "residual": ("add", "none", "attnres"),
     "positions": ("learned", "rope"),
 }
 
 # Knobs whose unset value (None) is not written (see ModelConfig.to_dict).
-LATER_KNOBS = frozenset({"d_head"})
+LATER_KNOBS = frozenset({"d_head", "attnres_blocks"})
 
 
 @dataclass
@@ -44,6 +44,8 @@ class ModelConfig:
     (default ``d_model / n_heads``), so heads can be added at a fixed width.
     ``aux_layer``/``aux_weight`` add intermediate supervision: a next-token loss read out
     from block ``aux_layer`` through the final norm and unembedding.
+    ``residual="attnres"`` routes each sublayer's input over depth sources grouped into
+    ``attnres_blocks`` blocks (default: one per layer; see :mod:`nnobs.models.attnres`).
     """
 
     vocab_size: int = 4096
@@ -64,6 +66,7 @@ class ModelConfig:
     aux_layer: int | None = None
     aux_weight: float = 0.0
     d_head: int | None = None
+    attnres_blocks: int | None = None
 
     def __post_init__(self) -> None:
         for knob, allowed in CHOICES.items():
@@ -82,6 +85,8 @@ class ModelConfig:
             check_int("model.aux_layer", self.aux_layer, 0)
         if self.d_head is not None:
             check_int("model.d_head", self.d_head, 1)
+        if self.attnres_blocks is not None:
+            check_int("model.attnres_blocks", self.attnres_blocks, 1)
         self._check_shapes()
 
     def _check_shapes(self) -> None:
@@ -107,6 +112,16 @@ class ModelConfig:
                 f"model.d_mlp must be a positive integer or a list of {self.n_layers} positive "
                 f"integers (one per layer), got {self.d_mlp!r}"
             )
+        if self.attnres_blocks is not None and self.residual != "attnres":
+            raise NnobsError(
+                f"model.attnres_blocks applies to residual='attnres' only; this model's "
+                f"residual is {self.residual!r}"
+            )
+        if self.n_layers % self.routing_blocks:
+            raise NnobsError(
+                f"attnres_blocks={self.attnres_blocks} does not divide n_layers={self.n_layers}: "
+                "blocks are groups of equal depth"
+            )
         if self.aux_layer is not None and self.aux_layer >= self.n_layers:
             raise NnobsError(
                 f"aux_layer={self.aux_layer} is out of range: "
@@ -117,6 +132,11 @@ class ModelConfig:
     def head_dim(self) -> int:
         """Channels per attention head (``d_head``, else ``d_model / n_heads``)."""
         return self.d_model // self.n_heads if self.d_head is None else self.d_head
+
+    @property
+    def routing_blocks(self) -> int:
+        """Blocks of a routed residual (``attnres_blocks``, else one per layer)."""
+        return self.n_layers if self.attnres_blocks is None else self.attnres_blocks
 
     @property
     def kv_heads(self) -> int:

@@ -52,6 +52,12 @@ SITE_KINDS: dict[str, SiteKind] = {
     for kind in (
         SiteKind("embed", False, "batch × pos × d_model", "token (+ position) embedding"),
         SiteKind("resid_pre", True, "batch × pos × d_model", "residual stream entering block l"),
+        SiteKind(
+            "route_attn",
+            True,
+            "batch × pos × sources",
+            "routing weights over depth sources before attention (routed residuals only)",
+        ),
         SiteKind("attn_pattern", True, "batch × heads × pos × pos", "attention weights", 1),
         SiteKind(
             "head_out",
@@ -62,6 +68,12 @@ SITE_KINDS: dict[str, SiteKind] = {
         ),
         SiteKind("attn_out", True, "batch × pos × d_model", "what attention adds"),
         SiteKind("resid_mid", True, "batch × pos × d_model", "between attention and MLP"),
+        SiteKind(
+            "route_mlp",
+            True,
+            "batch × pos × sources",
+            "routing weights over depth sources before the MLP (routed residuals only)",
+        ),
         SiteKind("mlp_hidden", True, "batch × pos × d_mlp", "MLP neurons after the activation", 2),
         SiteKind("mlp_out", True, "batch × pos × d_model", "what the MLP adds"),
         SiteKind(
@@ -76,6 +88,9 @@ SITE_KINDS: dict[str, SiteKind] = {
 
 # The kinds of ``blocks.{l}.<kind>`` sites, in forward order within a block.
 LAYER_SITE_KINDS: tuple[str, ...] = tuple(k.name for k in SITE_KINDS.values() if k.per_layer)
+
+# The kinds only a routed residual (``residual="attnres"`` or a wrapped model) has.
+ROUTE_SITE_KINDS: tuple[str, ...] = ("route_attn", "route_mlp")
 
 
 def site_kind(site: str) -> str:

@@ -20,16 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nnobs.models.attnres import AttnResidual
 from nnobs.models.config import ModelConfig
+from nnobs.models.hooks import HookPoint
 from nnobs.models.init import init_weights, layer_defaults_from
 from nnobs.models.sites import LAYER_SITE_KINDS
-
-
-class HookPoint(nn.Module):
-    """Identity at a named site; forward hooks on it read or replace the activation."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
 
 
 class RMSNorm(nn.Module):
@@ -136,6 +131,15 @@ class ResidualPath(nn.Module):
 
     uses_sources = False
 
+    @classmethod
+    def for_layer(cls, config: ModelConfig, layer: int) -> ResidualPath:
+        """The strategy of ``layer`` (stateless strategies ignore both)."""
+        return cls()
+
+    def hook_points(self) -> dict[str, HookPoint]:
+        """Sites the strategy adds to its block (the routing weights of a routed residual)."""
+        return {}
+
     def read(self, stream: torch.Tensor, sources: list[torch.Tensor] | None) -> torch.Tensor:
         """The next sublayer's input (before its norm)."""
         return stream
@@ -159,7 +163,12 @@ class NoResidual(ResidualPath):
         return out
 
 
-RESIDUAL_PATHS: dict[str, type[ResidualPath]] = {"add": AddResidual, "none": NoResidual}
+# AttnResidual (its own module, :mod:`nnobs.models.attnres`) follows the ResidualPath interface.
+RESIDUAL_PATHS: dict[str, type[ResidualPath] | type[AttnResidual]] = {
+    "add": AddResidual,
+    "none": NoResidual,
+    "attnres": AttnResidual,
+}
 
 
 class Block(nn.Module):
@@ -168,7 +177,7 @@ class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
         self.pre = config.norm_placement == "pre"
-        self.residual = RESIDUAL_PATHS[config.residual]()
+        self.residual = RESIDUAL_PATHS[config.residual].for_layer(config, layer)
         self.norm1, self.norm2 = make_norm(config), make_norm(config)
         self.attn = Attention(config)
         self.mlp = MLP(config, config.mlp_widths[layer])
@@ -189,6 +198,7 @@ class Block(nn.Module):
             "mlp_hidden": self.mlp.hook_hidden,
             "mlp_out": self.hook_mlp_out,
             "resid_post": self.hook_resid_post,
+            **self.residual.hook_points(),
         }
 
     def _sublayer(
@@ -257,7 +267,8 @@ class Transformer(nn.Module):
         sites: dict[str, HookPoint] = {"embed": self.hook_embed}
         for layer, block in enumerate(self.blocks):
             points = block.hook_points()
-            sites.update((f"blocks.{layer}.{kind}", points[kind]) for kind in LAYER_SITE_KINDS)
+            kinds = [kind for kind in LAYER_SITE_KINDS if kind in points]
+            sites.update((f"blocks.{layer}.{kind}", points[kind]) for kind in kinds)
         sites["final"] = self.hook_final
         return sites
 
