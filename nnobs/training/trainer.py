@@ -48,7 +48,7 @@ from torch import nn
 from nnobs.core.errors import NnobsError
 from nnobs.core.files import append_jsonl
 from nnobs.core.lock import lock_directory
-from nnobs.core.rundir import RunDir, list_checkpoints
+from nnobs.core.rundir import RunDir, list_checkpoints, read_meta
 from nnobs.models.config import ModelConfig
 from nnobs.training.checkpoint import damaged, save_checkpoint
 from nnobs.training.config import TrainConfig
@@ -101,14 +101,9 @@ class ExtraObjective(nn.Module):
         weights = {k: v.detach().cpu().tolist() for k, v in self.state_dict().items()}
         return {"settings": self.settings(), "weights": weights}
 
-    def restore_entry(self, entry: Any, ckpt: Path) -> None:
-        """Load what :meth:`checkpoint_entry` saved, bit for bit; anything else is refused."""
-        if not isinstance(entry, dict) or entry.get("settings") != self.settings():
-            found = entry.get("settings") if isinstance(entry, dict) else None
-            raise NnobsError(
-                f"checkpoint {str(ckpt)!r} was trained with extra objective {found!r}, not "
-                f"{self.settings()!r}: resume with the same settings or use a new --out"
-            )
+    def restore_entry(self, entry: dict[str, Any], ckpt: Path) -> None:
+        """Load what :meth:`checkpoint_entry` saved, bit for bit (settings checked before,
+        by :func:`check_extra`)."""
         own = self.state_dict()
         try:
             loaded = {k: torch.tensor(entry["weights"][k], dtype=v.dtype) for k, v in own.items()}
@@ -166,6 +161,19 @@ def train(
 # ---------------------------------------------------------------------------------- build
 
 
+def check_extra(meta: dict[str, Any], extra: ExtraObjective | None, ckpt: Path) -> None:
+    """Refuse to resume a checkpoint trained with another extra objective (or with one when
+    none is given, or none when one is)."""
+    entry = meta.get("extra_objective")
+    saved = entry.get("settings") if isinstance(entry, dict) else entry
+    wanted = extra.settings() if extra is not None else None
+    if saved != wanted:
+        raise NnobsError(
+            f"checkpoint {str(ckpt)!r} was trained with extra objective {saved!r}, not "
+            f"{wanted!r}: resume with the same settings or use a new --out"
+        )
+
+
 @dataclass
 class _State:
     """What the loop trains and where it stands."""
@@ -211,14 +219,10 @@ def _build(
     state = _State(model, optimizer, extra, data, device, start.run, meta_base)
     if start.checkpoint is not None:
         step, path = start.checkpoint
+        check_extra(read_meta(path), extra, path)  # before the optimizer state is read
         meta = restore(path, model, state.optimizer)
-        if extra is not None or "extra_objective" in meta:
-            if extra is None:
-                raise NnobsError(
-                    f"checkpoint {str(path)!r} was trained with an extra objective "
-                    f"{meta['extra_objective'].get('settings')!r}: resume it with the same one"
-                )
-            extra.restore_entry(meta.get("extra_objective"), path)
+        if extra is not None:
+            extra.restore_entry(meta["extra_objective"], path)
             extra.to(device)
         state.step, state.tokens_seen, state.resumed_from = step, meta["tokens_seen"], step
         state.elapsed = meta.get("elapsed_s", 0.0)
