@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_train_config
 
 from nnobs.core.errors import NnobsError
 from nnobs.models.adapter import nnobs_adapter
@@ -143,3 +144,48 @@ def test_every_parameter_learns_and_the_state_round_trips():
     copy = Transformer(CONFIG)
     copy.load_state_dict(model.state_dict())
     assert torch.equal(copy.eval()(IDS), model.eval()(IDS))
+
+
+def test_an_interrupted_routed_run_resumes_exactly(python_corpus, nnobs_cache, tmp_path):
+    from nnobs.models.checkpoint import load_checkpoint
+    from nnobs.training.trainer import train
+
+    model = ModelConfig(
+        vocab_size=257, d_model=32, n_layers=2, n_heads=4, max_seq_len=64, residual="attnres"
+    )
+    settings = tiny_train_config(python_corpus, steps=16, checkpoint_every=8)
+    train(model, settings, tmp_path / "full", progress=False)
+    cut = tmp_path / "cut"
+    train(model, settings, cut, progress=False)
+    # As if killed while saving step 16: the run resumes from step 8.
+    (cut / "checkpoints" / "step_000016").rename(cut / "checkpoints" / ".tmp-step_000016-x")
+    result = train(model, settings, cut, progress=False)
+    assert result.resumed_from == 8
+    full, resumed = (load_checkpoint(tmp_path / d).model.state_dict() for d in ("full", "cut"))
+    assert all(torch.equal(full[name], resumed[name]) for name in full)
+    assert full["blocks.1.residual.route_attn.query"].abs().max() > 0  # routing was learned
+
+
+@pytest.mark.slow
+def test_a_routed_model_trains_data_parallel(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from nnobs.core.rundir import read_metrics
+
+    args = ["train", "--preset", "tiny", "--no-progress", "--set", "train.steps=20",
+            "--set", "train.max_chars=60000", "--set", "train.device='cpu'",
+            "--set", "model.residual='attnres'", "--set", "model.n_layers=4",
+            "--set", "model.attnres_blocks=2"]  # fmt: skip
+    env = {**os.environ, "NNOBS_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run([sys.executable, "-m", "nnobs", *args, "--out", str(one)], env=env, check=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "nnobs.cli", *args, "--out", str(two)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    val_one, val_two = (read_metrics(d)[-1]["val_loss"] for d in (one, two))
+    assert abs(val_one - val_two) < 1e-3, (val_one, val_two)
