@@ -21,11 +21,17 @@ import torch
 from nnobs.core.errors import NnobsError
 from nnobs.features.sources import FeatureSource, stream_directions
 from nnobs.models.adapter import ModelAdapter
+from nnobs.models.sites import LAYER_SITE_KINDS
 
 
-def _layer(site: str) -> int:
-    match = re.match(r"blocks\.(\d+)\.", site)
-    return -1 if site == "embed" else int(match.group(1)) if match else 10**9
+def _order(site: str) -> tuple[int, int]:
+    """Where a site is in the forward pass: (layer, place within the block)."""
+    match = re.fullmatch(r"blocks\.(\d+)\.(\w+)", site)
+    if match:
+        kind = match.group(2)
+        place = LAYER_SITE_KINDS.index(kind) if kind in LAYER_SITE_KINDS else 0
+        return int(match.group(1)), place
+    return (-1, 0) if site == "embed" else (10**9, 0)
 
 
 def probe_contributors(
@@ -39,7 +45,7 @@ def probe_contributors(
     """The ``n`` features whose stream directions are closest to the probe direction (by
     absolute cosine) and the ``n`` that contribute most to its score (by absolute mean
     contribution); refused when the source's features cannot reach the probe's site."""
-    if _layer(source.site) > _layer(probe_site):
+    if _order(source.site) > _order(probe_site):
         raise NnobsError(
             f"features at {source.site} come after the probe's site {probe_site}: "
             "decompose the probe with features at or before its layer"

@@ -258,4 +258,3 @@ def sae_summary(sae: SparseAutoencoder, directory: str | Path | None = None) -> 
     if isinstance(metrics, dict):
         out["metrics"] = json.loads(json.dumps(metrics))
     return out
-
