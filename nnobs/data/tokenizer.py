@@ -47,6 +47,9 @@ class Tokenizer(ABC):
     eos_id: int
     kind: str  # "bpe" | "byte" | "hf"
     fingerprint: str  # short hex identifying the exact vocabulary (and merges)
+    # The token the model's inputs start with, for tokenizers that add one (Llama, Gemma,
+    # Mistral); None for nnobs's own tokenizers and GPT-2-style ones, which add none.
+    bos_id: int | None = None
 
     @abstractmethod
     def encode(self, text: str) -> list[int]:
@@ -158,7 +161,8 @@ class BPETokenizer(Tokenizer):
 
 
 class HFTokenizer(Tokenizer):
-    """A transformers tokenizer (slow or fast), used without adding special tokens."""
+    """A transformers tokenizer (slow or fast), used without adding special tokens; the BOS it
+    adds by default (if any) is ``bos_id``, which windows put in front of every input."""
 
     kind = "hf"
 
@@ -170,6 +174,7 @@ class HFTokenizer(Tokenizer):
             )
         self._hf = hf_tokenizer
         self.eos_id = int(hf_tokenizer.eos_token_id)
+        self.bos_id = _added_bos(hf_tokenizer)
         self.vocab_size = len(hf_tokenizer)
         self.path = hf_tokenizer.name_or_path or None
         backend = getattr(hf_tokenizer, "backend_tokenizer", None)
@@ -200,6 +205,21 @@ class HFTokenizer(Tokenizer):
         self._hf.save_pretrained(str(directory))
         self.path = str(Path(directory).resolve())
         return self.reference()
+
+
+def _added_bos(hf_tokenizer: Any) -> int | None:
+    """The BOS id if the tokenizer puts it in front of an encoding by default, else None.
+
+    Asked of the tokenizer's behaviour, not its settings: a ``bos_token`` alone says nothing
+    (GPT-2 declares one and never adds it), and families switch it on differently
+    (``add_bos_token``, a template post-processor).
+    """
+    bos = hf_tokenizer.bos_token_id
+    if bos is None:
+        return None
+    plain = hf_tokenizer("a", add_special_tokens=False)["input_ids"]
+    special = hf_tokenizer("a", add_special_tokens=True)["input_ids"]
+    return int(bos) if special[:1] == [bos] and special[1:][: len(plain)] == plain else None
 
 
 def _tokenizers_fingerprint(tok: tokenizers.Tokenizer) -> str:

@@ -36,7 +36,7 @@ from nnobs.core.errors import NnobsError
 from nnobs.core.files import atomic_path, read_json, write_json
 from nnobs.core.lock import ScratchDir
 from nnobs.data.corpus import default_cache_dir
-from nnobs.data.windows import Windows
+from nnobs.data.windows import Windows, attention_mask
 from nnobs.models.adapter import Edit, ModelAdapter
 from nnobs.models.load import NONFINITE_WEIGHTS, nonfinite_weight
 from nnobs.models.sites import SITE_KINDS, site_kind
@@ -333,15 +333,17 @@ def _capture_batch(
     valid_np = windows.valid[batch]
     ids = torch.from_numpy(windows.input_ids[batch]).to(device)
     valid = torch.from_numpy(valid_np).to(device)
+    # The mask attends to a leading BOS too, whose own row is not scored.
+    attended = torch.from_numpy(attention_mask(valid_np)).to(device).long()
     targets = torch.from_numpy(windows.targets[batch]).to(device).flatten()
     with torch.inference_mode(), adapter.hooks(capture=writer.sites, edits=edits) as cache:
         # Full windows (the common case) need no gather: every position is kept.
         keep = None if valid_np.all() else valid.flatten().nonzero().squeeze(1)
         if fused:
-            stream = adapter.stream_fn(ids, valid.long()).flatten(0, 1)
+            stream = adapter.stream_fn(ids, attended).flatten(0, 1)
             out = _output_stats(stream, targets, keep, adapter.unembed_fn, adapter.vocab_size)
         else:
-            logits = adapter.forward(ids, valid.long()).flatten(0, 1)
+            logits = adapter.forward(ids, attended).flatten(0, 1)
             out = _output_stats(logits, targets, keep)
         writer.write(out, cache, tuple(ids.shape), keep)
 

@@ -9,7 +9,13 @@ import numpy as np
 
 from nnobs.core.errors import NnobsError
 from nnobs.data.corpus import Corpus, Document
-from nnobs.data.windows import Windows, split_windows, window_length
+from nnobs.data.windows import (
+    DEFAULT_SEQ_LEN,
+    REFERENCE_OPENING,
+    Windows,
+    split_windows,
+    window_length,
+)
 from nnobs.measure import stats
 from nnobs.models.adapter import ModelAdapter
 from nnobs.observe.capture import Capture, capture
@@ -77,21 +83,27 @@ def token_windows(
     settings: ObserveSettings,
     max_doc_tokens: int | None = None,
 ) -> dict[str, Windows]:
-    """Each split's token windows at the token budget (ex_per_dim × d_model tokens), with at
-    most ``max_doc_tokens`` from any one document; by default the cap that spreads the budget
-    over every document of the split (:func:`nnobs.data.windows.document_windows`).
+    """Each split's token windows at the token budget (ex_per_dim × d_model tokens), drawn as
+    ``settings.sampling`` says (:func:`nnobs.data.windows.document_windows`): "spread", with
+    at most ``max_doc_tokens`` from any one document, by default the cap that spreads the
+    budget over every document of the split; "reference", the openings of the shortest
+    documents, in windows of up to the reference's opening length unless ``seq_len`` is set.
+    Windows start with the tokenizer's BOS where it adds one (never a scored target).
 
     They depend on the tokenizer, width and context only, so checkpoints of one run share them.
     """
     if adapter.tokenizer is None:
         raise NnobsError("the model has no tokenizer; load it from a directory that has one")
+    default = REFERENCE_OPENING if settings.sampling == "reference" else DEFAULT_SEQ_LEN
     return split_windows(
         docs,
         adapter.tokenizer,
-        window_length(adapter.context_length, settings.seq_len),
+        window_length(adapter.context_length, settings.seq_len, default),
         settings.token_budget(adapter.d_model),
         seed=settings.window_seed,
         max_doc_tokens=max_doc_tokens,
+        bos=adapter.tokenizer.bos_id,
+        sampling=settings.sampling,
     )
 
 
