@@ -59,7 +59,8 @@ STAGES = (
     "controls",
     "baselines",
     "flagging",
-    "floor",
+    "labels",
+    "null",
     "cross_domain",
 )
 
@@ -145,7 +146,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     ex_per_dim = args.ex_per_dim or (QUICK_EX_PER_DIM if args.quick else 350)
-    settings = ObserveSettings(ex_per_dim=ex_per_dim)
+    # The reference's label, so the pcorr comparison checks the implementation, not the label
+    # choice (bench_calibration.py compares the labels).
+    settings = ObserveSettings(ex_per_dim=ex_per_dim, label="reference")
     adapter = load_model(args.model, device=args.device)
     corpus = load_corpus(args.corpus)
     domain2_spec = default_domain2(args.corpus) if args.domain2 == "auto" else args.domain2
@@ -211,7 +214,7 @@ def main() -> None:
     layer = ours["layer"]
     site = ours["headline"]["site"]
     train = collect(adapter, windows["train"], [site], settings.batch_size, "train")
-    X, y = train.acts(site), residual_labels(train, site)
+    X, y = train.acts(site), residual_labels(train, site, "reference")
     l2 = LinearProbe().l2
     ours_obj = probe_objective(ours["probe"]["coef"], ours["probe"]["intercept"], X, y, l2)
     ref_probe = ref["sweep_probes"][layer]
@@ -228,7 +231,7 @@ def main() -> None:
 
     print()
     print(f"identical token windows; tokens: {', '.join(f'{s} {n}' for s, n in counts.items())}")
-    passes = 3 + (2 if domain2 is not None else 0) + (2 if settings.random_init_floor else 0)
+    passes = 3 + (2 if domain2 is not None else 0) + 2 * settings.null_models
     print(f"forward passes over a split: nnobs {passes}, reference {ref['forward_passes']}")
     print()
     print(f"{'stage':<22} {'nnobs s':>9} {'reference s':>12} {'ratio':>8}")
@@ -266,7 +269,9 @@ def main() -> None:
         f"{ours['output_controlled']['mean']:>+9.4f} {ref['output_controlled']['mean']:>+10.4f}"
     )
     print(f"{f'probe objective at layer {layer} (seed 42)':<40} {ours_obj:>9.6f} {ref_obj:>10.6f}")
-    print(f"{'detection floor (nnobs only)':<40} {ours['floor']['value']:>9.4f}")
+    null = ours["null"]
+    print(f"{'random-init null -> floor (nnobs only)':<40} {null['floor']:>9.4f}")
+    print(f"{'verdict p-value (nnobs only)':<40} {null['p_value']:>9.4f}")
     print()
     print(
         f"speedup {speedup:.1f}x (target >= {TARGET_SPEEDUP:.0f}x): "

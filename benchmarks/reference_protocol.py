@@ -50,6 +50,7 @@ from nnobs.observe.capture import Capture
 from nnobs.observe.protocol import Stopwatch
 from nnobs.observe.settings import ObserveSettings
 from nnobs.observe.signal import (
+    CONTROLLED_AWAY,
     candidate_layers,
     ensemble_score,
     hand_statistics,
@@ -142,7 +143,7 @@ def train_probe(
     train: SplitData, site: str, seed: int, device: str, loader: str = "slices"
 ) -> ReferenceAdamProbe:
     """A fresh Adam probe on all training tokens, labelled by the loss residual's sign."""
-    X, y = train.acts(site), residual_labels(train, site)
+    X, y = train.acts(site), residual_labels(train, site, "reference")
     probe = ReferenceAdamProbe(seed=seed, device=device)
     if loader == "slices":
         return probe.fit(X, y)
@@ -325,7 +326,8 @@ def reference_observe(
 
     # 7. Baselines: hand-designed statistics and one random head.
     with clock.stage("baselines"):
-        baselines: dict[str, float | None] = {}
+        # norm and mean_square are functions of the norm covariate: 0 by construction
+        baselines: dict[str, float | None] = dict.fromkeys(CONTROLLED_AWAY)
         for name, value in hand_statistics(X_test).items():
             try:
                 baselines[name] = pcorr(value, test, site)

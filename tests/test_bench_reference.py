@@ -62,7 +62,7 @@ def test_reference_protocol_runs_end_to_end(setup):
     result = reference_observe(adapter, windows, settings, domain2_windows=windows)
     # 2 sweep passes per layer; candidates, validation, output layer; test at two sites; domain 2
     assert result["forward_passes"] == 2 * 2 + 3 + 2 + 2
-    assert result["candidates"] == [0]  # layer 1 is in the last 20% of depth
+    assert sorted(result["candidates"]) == [0, 1]  # l <= int(0.8 * 2)
     assert result["layer"] == 0
     assert len(result["headline"]["per_seed"]) == 3
     assert result["tokens"] == {s: w.n_tokens for s, w in windows.items()}
@@ -86,7 +86,7 @@ def test_the_reference_dataloader_loop_is_reference_adam(setup):
     adapter, settings, windows = setup
     site = "blocks.0.resid_post"
     train = collect(adapter, windows["train"], [site], batch_size=8, name="train")
-    X, y = train.acts(site), residual_labels(train, site)
+    X, y = train.acts(site), residual_labels(train, site, "reference")
     fast = train_probe(train, site, seed=43, device="cpu")
     literal = train_probe(train, site, seed=43, device="cpu", loader="dataloader")
     # Fewer rows than one batch: every step is full-batch, so batch order is irrelevant, and

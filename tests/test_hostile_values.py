@@ -382,7 +382,7 @@ def observed(python_run, python_corpus, tmp_path_factory) -> Path:
     """An observe result of the tiny run's last checkpoint, its layers given from the end."""
     out = tmp_path_factory.mktemp("observed")
     argv = ["observe", "--model", python_run, "--corpus", python_corpus, "--domain2", "none",
-            "--ex-per-dim", "10", "--seeds", "43,44", "--n-boot", "20", "--no-random-init-floor",
+            "--ex-per-dim", "10", "--seeds", "43,44", "--n-boot", "20", "--null-models", "0",
             "--layers=-1", "--no-progress", "--out", out]  # fmt: skip
     assert main([str(a) for a in argv]) == 0
     return out / "observe.json"

@@ -47,22 +47,34 @@ def test_observe_a_trained_run_end_to_end(tiny_run, tmp_path, capsys):
     argv = ["observe", "--model", str(tiny_run), "--out", str(out), "--domain2", "none", *FAST]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "layer sweep" in printed and "detection floor" in printed
+    assert "layer sweep" in printed and "verdict: the signal" in printed
     doc = load_result(out / "observe.json")  # validates against the schema
     assert (out / "layer_profile.png").stat().st_size > 5000
     # The model was trained on stdlib: the probe never sees its training documents.
     assert doc["split_policy"].startswith("model trained on this corpus")
     assert doc["tokens"]["train"]["tokens"] == 40 * 64
     assert [r["layer"] for r in doc["sweep"]] == [0, 1]
-    assert doc["candidates"] == [0]  # layer 1 is the last 20% of depth
+    assert doc["candidates"] == [0, 1] or doc["candidates"] == [1, 0]  # l <= int(0.8 * 2)
     assert doc["headline"]["seeds"] == [43, 44, 45] and len(doc["headline"]["per_seed"]) == 3
-    lo, hi = doc["headline"]["ensemble_ci95"]
-    assert lo <= doc["headline"]["ensemble"] <= hi
+    head = doc["headline"]
+    lo, hi = head["ensemble_ci95"]
+    assert lo <= head["ensemble"] <= hi
+    assert "training documents" in head["interval"] and head["ensemble_sd"] > 0
+    assert set(head["by_label"]) == {"rank", "reference"} and head["label"] == "rank"
+    assert head["by_label"]["rank"] == head["ensemble"]
     assert set(doc["controls"]["pcorr"]) == {
         "none", "softmax_only", "norm_only", "standard", "plus_entropy", "nonlinear"
     }  # fmt: skip
     assert [f["rate"] for f in doc["flagging"]] == [0.05, 0.1, 0.2, 0.3]
-    assert doc["floor"]["value"] > 0 and doc["floor"]["random_init"] is not None
+    null = doc["null"]
+    assert null["n_null"] == 3 and [m["init_seed"] for m in null["models"]] == [0, 1, 2]
+    assert (null["layer"], null["split"]) == (doc["layer"], "test")
+    assert null["floor"] > null["null_mean"] and 0 <= null["p_value"] <= 1
+    assert (
+        doc["verdict"]["signal"] == (null["p_value"] < 0.05) == (head["ensemble"] > null["floor"])
+    )
+    assert doc["baselines"]["norm"]["pcorr"] is None  # controlled away
+    assert len(doc["label"]["rank"]) == len(doc["label"]["reference"]) == 10
     assert doc["provenance"]["step"] == 60 and doc["provenance"]["config_hash"]
     assert len(doc["probe"]["direction"]) == 64
     assert np.isclose(np.linalg.norm(doc["probe"]["direction"]), 1.0)
@@ -70,7 +82,7 @@ def test_observe_a_trained_run_end_to_end(tiny_run, tmp_path, capsys):
 
 
 def test_cross_domain_and_python_api(tiny_run):
-    settings = ObserveSettings(ex_per_dim=30, seeds=[43, 44], n_boot=50, random_init_floor=False)
+    settings = ObserveSettings(ex_per_dim=30, seeds=[43, 44], n_boot=50, null_models=0)
     domain2 = load_corpus("stdlib-tests", max_chars=200_000)
     doc = observe_model(str(tiny_run), "stdlib", domain2=domain2, settings=settings, progress=False)
     validate(doc)
@@ -83,7 +95,7 @@ def test_cross_domain_and_python_api(tiny_run):
     # both for the transferred probes and for probes trained on B.
     assert cross["tokens"] == {"train": 30 * 64, "test": 30 * 64}
     assert cross["a_to_b"] > 0 and cross["b_to_b"] > 0
-    assert "random heads" in doc["floor"]["source"]
+    assert doc["null"] is None and doc["verdict"]["signal"] is None
     assert "test pcorr at layer" in observe_summary(doc)
 
 
@@ -108,7 +120,7 @@ def test_non_finite_activations_are_refused(tiny_run):
     adapter = load_model(tiny_run)
     with torch.no_grad():
         adapter.model.blocks[1].mlp.down.weight.fill_(float("nan"))
-    settings = ObserveSettings(ex_per_dim=10, seeds=[43, 44], n_boot=10, random_init_floor=False)
+    settings = ObserveSettings(ex_per_dim=10, seeds=[43, 44], n_boot=10, null_models=0)
     with pytest.raises(NnobsError, match="non-finite"):
         observe(
             adapter,
@@ -124,7 +136,7 @@ def test_a_model_without_tokenizer_is_refused():
     with pytest.raises(NnobsError, match="no tokenizer"):
         observe(adapter, load_corpus("stdlib", max_chars=50_000), progress=False)
     adapter.tokenizer = byte_tokenizer()
-    settings = ObserveSettings(ex_per_dim=5, seeds=[43, 44], n_boot=10, random_init_floor=False)
+    settings = ObserveSettings(ex_per_dim=5, seeds=[43, 44], n_boot=10, null_models=0)
     doc = observe(
         adapter, load_corpus("stdlib", max_chars=50_000), settings=settings, progress=False
     )

@@ -67,10 +67,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--n-boot", type=int, help="bootstrap resamples for CIs (1000; 200 with --all-checkpoints)"
     )
     parser.add_argument(
-        "--no-random-init-floor",
-        action="store_true",
-        help="skip the random-init model in the detection floor (random heads only)",
+        "--null-models",
+        type=int,
+        default=3,
+        help="random-init models of the same architecture that make the verdict's null (3; "
+        "0 skips the null and the verdict)",
     )
+    parser.add_argument(
+        "--label",
+        choices=["rank", "reference"],
+        default="rank",
+        help="the probe's target: the sign of the rank residual pcorr correlates (rank), or "
+        "of the reference method's OLS residual on raw values (reference)",
+    )
+    parser.add_argument(
+        "--sampling",
+        choices=["spread", "reference"],
+        default="spread",
+        help="token windows: random spans over every document (spread), or the reference "
+        "method's openings of the shortest documents (reference)",
+    )
+    parser.add_argument("--level", type=float, default=0.05, help="the verdict's test level (0.05)")
     parser.add_argument(
         "--all-checkpoints",
         action="store_true",
@@ -102,7 +119,10 @@ def run(args: argparse.Namespace) -> int:
         layers=args.layers,
         seeds=list(range(43, 50)) if args.seeds is None else args.seeds,
         n_boot=1000 if args.n_boot is None else args.n_boot,
-        random_init_floor=not args.no_random_init_floor,
+        null_models=args.null_models,
+        label=args.label,
+        sampling=args.sampling,
+        level=args.level,
     )
     model_path = Path(args.model)
     if model_path.is_dir():

@@ -28,7 +28,9 @@ SCHEMA_FILES = {
     "nnobs.trajectory": "trajectory.schema.json",
     "nnobs.study": "study.schema.json",
     "nnobs.interventions": "interventions.schema.json",
+    "nnobs.routing": "routing.schema.json",
     "nnobs.features": "features.schema.json",
+    "nnobs.drift": "drift.schema.json",
 }
 
 
@@ -48,9 +50,15 @@ def _known_kind(name: Any) -> str:
     return name
 
 
-def schema_for(name: str) -> dict:
-    """The JSON Schema of a result kind, e.g. ``nnobs.observe``."""
-    return _read_schema(SCHEMA_FILES[_known_kind(name)])
+def schema_for(name: str, version: int | None = None) -> dict:
+    """The JSON Schema of a result kind, e.g. ``nnobs.observe``: the newest, or an older
+    ``version`` this nnobs still reads (kept as ``<kind>.v<version>.schema.json``)."""
+    filename = SCHEMA_FILES[_known_kind(name)]
+    if version is not None:
+        older = filename.replace(".schema.json", f".v{version}.schema.json")
+        if resources.files("nnobs.core").joinpath("schemas", older).is_file():
+            return _read_schema(older)
+    return _read_schema(filename)
 
 
 @cache
@@ -92,8 +100,9 @@ def validate(doc: dict, kind: str | None = None) -> None:
             f"written by a newer nnobs ({name} schema {version}; this nnobs reads "
             f"{newest}): upgrade nnobs to read it"
         )
+    older = version if isinstance(version, int) and not isinstance(version, bool) else None
     try:
-        jsonschema.validate(doc, schema_for(name))
+        jsonschema.validate(doc, schema_for(name, older))
     except jsonschema.ValidationError as err:
         where = "/".join(str(p) for p in err.absolute_path) or "(top level)"
         raise NnobsError(f"result does not match schema {name} at {where}: {err.message}") from None

@@ -205,6 +205,13 @@ def partial_spearman(x: np.ndarray, y: np.ndarray, covariates: np.ndarray | None
     return float(partial_spearman_many(x[:, None], y, covariates)[0])
 
 
+def rank_residual(y: np.ndarray, covariates: np.ndarray) -> np.ndarray:
+    """The part of ``y``'s ranks that the covariates' ranks do not explain linearly: the
+    residual :func:`partial_spearman` correlates (one value per row)."""
+    y = as_vector("y", y)
+    return _residualizer(covariates, len(y))(rank(y))
+
+
 class LossResidualizer:
     """OLS ``loss ~ covariates + 1`` fitted on the training split.
 

@@ -1,33 +1,33 @@
 """Observability collapse: a signal that formed over training and was later erased while the
-validation loss kept improving.
+validation loss kept improving, judged as tests against a random-init null.
 
-Input is a trajectory: per saved checkpoint, the validation loss and each layer's pcorr
-(optionally the lower bound of its confidence interval), next to the detection floor (one
-value, or one per checkpoint when it was re-measured along the run).
+Input, per series (the run's headline at its best layer, or one layer of the profile): one
+value per saved checkpoint with its standard deviation (from the value's bootstrap interval),
+and the null: the same statistic on a random-init model of the architecture (the run's step-0
+checkpoint, or a fresh initialisation) with its standard deviation. With ``m`` checkpoints and
+test level ``α``:
 
-The rule, per layer, with checkpoints in step order:
+1. **Formed**: some checkpoint is above the null, ``z = (v - null) / sqrt(sd² + sd_null²)``
+   above the one-sided ``1 - α/m`` normal quantile (Bonferroni over the checkpoints, so a
+   trajectory that only wanders around the null forms with probability at most α); the first
+   such checkpoint is ``formed_step``.
+2. **Peak**: the checkpoint at or after ``formed_step`` with the largest value.
+3. **Still there**: the last checkpoint is above the null at level α → *retained*.
+4. **Fell**: otherwise, if the last value is below the peak by more than the ``1 - α/m``
+   quantile of their difference's standard deviation, the signal fell; ``collapse_step`` is
+   the first checkpoint of the final run of checkpoints not above the null.
+5. **Erased** (the collapse): it fell while the validation loss kept improving (the loss at
+   ``collapse_step`` and at the end no higher than at the peak, plus ``loss_tolerance``);
+   ``fell_with_loss`` when the loss got worse (overfitting or divergence, not a trade-off).
+   A signal that formed, is not above the null at the end, but whose fall from the peak is
+   within the noise is *inconclusive*: neither kept nor shown to be gone.
 
-1. **Formed**: the evidence, which is ``ci_low`` when given and the pcorr otherwise, exceeds
-   ``floor + formed_margin`` at some checkpoint; the first such checkpoint is
-   ``formed_step``. The margin keeps noise around the floor from counting as a signal: by
-   default 0.02 on point estimates (about two standard errors of a pcorr at the default
-   token budget) and 0 with ``ci_low``, whose interval already accounts for the noise.
-2. **Peak**: the checkpoint at or after ``formed_step`` with the largest pcorr.
-3. **Fell**: the pcorr is at or below the floor at the last checkpoint; ``collapse_step``
-   is the first checkpoint of the final run of at-floor checkpoints, so a dip that recovered
-   is not a collapse and the signal stayed at the floor from ``collapse_step`` to the end.
-4. **Erased** (the collapse): it fell while the validation loss kept improving, i.e. the
-   loss at ``collapse_step`` and at the last checkpoint is no higher than at the peak, plus
-   ``loss_tolerance``. A signal that fell while the loss got worse is reported as
-   ``fell_with_loss``: overfitting or divergence explains that, not a trade-off between the
-   objective and observability.
+A step-0 checkpoint is a random-init model and is judged like any other checkpoint; it is
+the null itself when it is the null's source, so it cannot form.
 
-Layer verdicts: ``never_formed``, ``retained`` (formed and above the floor at the end),
-``erased``, ``fell_with_loss``. The run's verdict is about the signal at its best layer (the
-layer profile's maximum): ``never_formed`` if no layer formed; ``retained`` if some formed
-layer is still above the floor at the end; otherwise ``erased`` if some layer was erased,
-and ``fell_with_loss`` if every formed layer fell with a worsening loss. ``erased_layers``
-lists every erased layer even when the run as a whole retained a signal elsewhere.
+The run's verdict is the headline series' verdict; ``erased_layers`` lists the layers of the
+profile whose own series was erased (the profile's values come from one probe on the
+validation split: their intervals cover its documents, not the probe's training).
 """
 
 from __future__ import annotations
@@ -36,14 +36,17 @@ from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from scipy.stats import norm
 
 from nnobs.core.errors import NnobsError
 from nnobs.measure.stats import as_vector
 
-VERDICTS = ("retained", "erased", "fell_with_loss", "never_formed")
-# Two standard errors of a correlation near 0 on ~45k tokens (350 × 128) is ~0.01; 0.02 is
-# conservative enough for the smaller budgets used in quick runs.
-DEFAULT_FORMED_MARGIN = 0.02
+VERDICTS = ("retained", "erased", "fell_with_loss", "inconclusive", "never_formed")
+
+
+def sd_from_interval(low: float, high: float, confidence: float = 0.95) -> float:
+    """The standard deviation a normal interval of that width implies."""
+    return max(0.0, (high - low) / (2 * norm.isf((1 - confidence) / 2)))
 
 
 def _series(name: str, values: Sequence[float] | float, n: int) -> np.ndarray:
@@ -51,69 +54,84 @@ def _series(name: str, values: Sequence[float] | float, n: int) -> np.ndarray:
     return as_vector(name, values, n)
 
 
-def _layer_verdict(
-    layer: Hashable,
+def series_verdict(
     steps: np.ndarray,
     loss: np.ndarray,
-    pcorr: np.ndarray,
-    evidence: np.ndarray,
-    floor: np.ndarray,
-    margin: float,
+    value: np.ndarray,
+    sd: np.ndarray,
+    null: tuple[float, float],
+    level: float,
     loss_tolerance: float,
 ) -> dict[str, Any]:
+    """The verdict of one series (module docstring)."""
+    null_mean, null_sd = null
+    m = len(steps)
+    z = (value - null_mean) / np.sqrt(np.maximum(sd**2 + null_sd**2, 1e-300))
+    formed_at, kept_at = norm.isf(level / m), norm.isf(level)
     out: dict[str, Any] = {
-        "layer": layer,
         "verdict": "never_formed",
         "reason": "",
         "formed_step": None,
         "peak_step": None,
         "peak_pcorr": None,
         "collapse_step": None,
-        "final_pcorr": float(pcorr[-1]),
+        "final_pcorr": float(value[-1]),
+        "final_z": float(z[-1]),
         "loss_at_peak": None,
         "loss_at_collapse": None,
+        "floor": float(null_mean + kept_at * null_sd),
     }
-    above = np.flatnonzero(evidence > floor + margin)
+    above = np.flatnonzero(z > formed_at)
     if len(above) == 0:
-        best = int(np.argmax(evidence))
+        best = int(np.argmax(z))
         out["reason"] = (
-            f"never above the floor + margin: best evidence {evidence[best]:.3f} at step "
-            f"{int(steps[best])} vs {floor[best] + margin:.3f}"
+            f"never above the null: best {value[best]:+.3f} at step {int(steps[best])}, "
+            f"z = {z[best]:.2f} < {formed_at:.2f} (null {null_mean:+.3f}, level {level:g} "
+            f"over {m} checkpoints)"
         )
         return out
     formed = int(above[0])
-    peak = formed + int(np.argmax(pcorr[formed:]))
+    peak = formed + int(np.argmax(value[formed:]))
     out.update(
         formed_step=int(steps[formed]),
         peak_step=int(steps[peak]),
-        peak_pcorr=float(pcorr[peak]),
+        peak_pcorr=float(value[peak]),
         loss_at_peak=float(loss[peak]),
     )
-    at_floor = pcorr <= floor
-    if not at_floor[-1]:
+    if z[-1] > kept_at:
         out["verdict"] = "retained"
         out["reason"] = (
-            f"formed at step {out['formed_step']}, peak {pcorr[peak]:.3f} at step "
-            f"{out['peak_step']}, still {pcorr[-1]:.3f} > floor {floor[-1]:.3f} at the end"
+            f"formed at step {out['formed_step']}, peak {value[peak]:+.3f} at step "
+            f"{out['peak_step']}, still above the null at the end: {value[-1]:+.3f} "
+            f"(z = {z[-1]:.2f})"
         )
         return out
-    # First checkpoint of the final run at the floor. It comes after the peak: the peak's
-    # pcorr is at least the formation checkpoint's, which is above the floor.
-    fell = len(at_floor) - int(np.argmin(at_floor[::-1]))
+    drop = (value[peak] - value[-1]) / np.sqrt(max(sd[peak] ** 2 + sd[-1] ** 2, 1e-300))
+    if drop <= formed_at:
+        out["verdict"] = "inconclusive"
+        out["reason"] = (
+            f"formed at step {out['formed_step']} (peak {value[peak]:+.3f}); at the end "
+            f"{value[-1]:+.3f} is not above the null (z = {z[-1]:.2f}), but its fall from the "
+            f"peak is within the noise (z = {drop:.2f} < {formed_at:.2f})"
+        )
+        return out
+    not_above = z <= kept_at
+    fell = len(not_above) - int(np.argmin(not_above[::-1]))
     out.update(collapse_step=int(steps[fell]), loss_at_collapse=float(loss[fell]))
     worst_after = max(loss[fell], loss[-1])
     if worst_after <= loss[peak] + loss_tolerance:
         out["verdict"] = "erased"
         out["reason"] = (
-            f"peak {pcorr[peak]:.3f} at step {out['peak_step']} fell to the floor by step "
-            f"{out['collapse_step']} while validation loss improved "
+            f"peak {value[peak]:+.3f} at step {out['peak_step']} fell to the null's level "
+            f"({value[-1]:+.3f} at the end, null {null_mean:+.3f}; fall z = {drop:.2f}) by "
+            f"step {out['collapse_step']} while validation loss improved "
             f"{loss[peak]:.4f} -> {loss[fell]:.4f}"
         )
     else:
         out["verdict"] = "fell_with_loss"
         out["reason"] = (
-            f"fell to the floor by step {out['collapse_step']}, but validation loss rose "
-            f"{loss[peak]:.4f} -> {worst_after:.4f} after the peak (overfitting or "
+            f"fell to the null's level by step {out['collapse_step']}, but validation loss "
+            f"rose {loss[peak]:.4f} -> {worst_after:.4f} after the peak (overfitting or "
             "divergence), so this is not a collapse"
         )
     return out
@@ -122,20 +140,20 @@ def _layer_verdict(
 def detect_collapse(
     steps: Sequence[int],
     val_loss: Sequence[float],
-    pcorr: Mapping[Hashable, Sequence[float]],
-    floor: float | Sequence[float],
-    ci_low: Mapping[Hashable, Sequence[float]] | None = None,
-    formed_margin: float | None = None,
+    series: Mapping[Hashable, tuple[Sequence[float], Sequence[float]]],
+    null: Mapping[Hashable, tuple[float, float]],
+    headline: Hashable,
+    *,
+    level: float = 0.05,
     loss_tolerance: float = 0.0,
 ) -> dict[str, Any]:
-    """Per-layer and run verdicts for one training run (the rule is in the module docstring).
+    """Verdicts for one training run (the rule is in the module docstring).
 
-    ``pcorr`` (and ``ci_low``) map a layer (index or site name) to one value per checkpoint,
-    aligned with ``steps``. ``formed_margin`` defaults to 0.02 on point estimates and 0 with
-    ``ci_low``. ``loss_tolerance`` (in loss units) forgives a tiny loss increase after the
-    peak, e.g. evaluation noise. Returns plain data: ``verdict``, ``reason``, ``layer`` and
-    ``collapse_step`` (of the headline erased layer: the one with the highest peak),
-    ``erased_layers``, ``layers`` (one dict per layer) and the settings used.
+    ``series`` maps a name (``headline`` for the run's best-layer signal, layer indices for the
+    profile) to (values, standard deviations), one per checkpoint aligned with ``steps``;
+    ``null`` maps the same names to the random-init (value, standard deviation). Returns plain
+    data: the headline's ``verdict``, ``reason``, ``collapse_step``, ``peak_step``, the
+    ``erased_layers`` and each series' record under ``layers``.
     """
     s = np.asarray(steps)
     n = len(s)
@@ -144,55 +162,36 @@ def detect_collapse(
     if not np.issubdtype(s.dtype, np.integer) or np.any(np.diff(s) <= 0):
         raise NnobsError("steps must be integers in increasing order, one per checkpoint")
     loss = _series("val_loss", val_loss, n)
-    floors = _series("floor", floor, n)
-    if not pcorr:
-        raise NnobsError("pcorr is empty: give one pcorr trajectory per layer")
+    if headline not in series:
+        raise NnobsError(f"the headline series {headline!r} is missing")
+    if set(null) != set(series):
+        raise NnobsError("null must give one (value, sd) per series")
     if loss_tolerance < 0:
         raise NnobsError(f"loss_tolerance must be >= 0, got {loss_tolerance}")
-    if ci_low is not None and set(ci_low) != set(pcorr):
-        raise NnobsError("ci_low must have the same layers as pcorr")
-    margin = formed_margin
-    if margin is None:
-        margin = 0.0 if ci_low is not None else DEFAULT_FORMED_MARGIN
-    if margin < 0:
-        raise NnobsError(f"formed_margin must be >= 0, got {margin}")
-
-    layers = []
-    for layer, values in pcorr.items():
-        p = _series(f"pcorr[{layer!r}]", values, n)
-        evidence = p if ci_low is None else _series(f"ci_low[{layer!r}]", ci_low[layer], n)
-        if ci_low is not None and np.any(evidence > p):
-            raise NnobsError(f"ci_low[{layer!r}] exceeds pcorr at some checkpoint: swapped?")
-        layers.append(_layer_verdict(layer, s, loss, p, evidence, floors, margin, loss_tolerance))
-
-    by = {v: [r for r in layers if r["verdict"] == v] for v in VERDICTS}
-    erased = sorted(by["erased"], key=lambda r: -r["peak_pcorr"])
-    headline: dict[str, Any] | None = None
-    if by["retained"]:
-        verdict = "retained"
-        best = max(by["retained"], key=lambda r: r["final_pcorr"])
-        reason = f"layer {best['layer']!r} keeps {best['final_pcorr']:.3f} at the end"
-    elif erased:
-        verdict, headline = "erased", erased[0]
-        reason = f"layer {headline['layer']!r}: {headline['reason']}"
-    elif by["fell_with_loss"]:
-        verdict = "fell_with_loss"
-        reason = "every formed layer fell to the floor while validation loss rose"
-    else:
-        verdict = "never_formed"
-        reason = "no layer's signal rose above the detection floor"
+    if not 0 < level < 0.5:
+        raise NnobsError(f"level must be in (0, 0.5), got {level}")
+    records = {}
+    for name, (values, sds) in series.items():
+        v = _series(f"values[{name!r}]", values, n)
+        sd = _series(f"sd[{name!r}]", sds, n)
+        if np.any(sd < 0):
+            raise NnobsError(f"sd[{name!r}] has negative values")
+        null_mean, null_sd = null[name]
+        records[name] = {
+            "layer": name,
+            **series_verdict(s, loss, v, sd, (null_mean, null_sd), level, loss_tolerance),
+        }
+    top = records[headline]
+    erased = [r for name, r in records.items() if name != headline and r["verdict"] == "erased"]
     return {
-        "verdict": verdict,
-        "reason": reason,
-        "layer": headline["layer"] if headline else None,
-        "collapse_step": headline["collapse_step"] if headline else None,
-        "peak_step": headline["peak_step"] if headline else None,
-        "erased_layers": [r["layer"] for r in erased],
-        "layers": layers,
-        "settings": {
-            "formed_margin": margin,
-            "loss_tolerance": loss_tolerance,
-            "evidence": "ci_low" if ci_low is not None else "pcorr",
-        },
+        "verdict": top["verdict"],
+        "reason": top["reason"] or "",
+        "layer": top["layer"] if top["verdict"] == "erased" else None,
+        "collapse_step": top["collapse_step"],
+        "peak_step": top["peak_step"],
+        "headline": top,
+        "erased_layers": [r["layer"] for r in sorted(erased, key=lambda r: -r["peak_pcorr"])],
+        "layers": [r for name, r in records.items() if name != headline],
+        "settings": {"level": level, "loss_tolerance": loss_tolerance, "test": "z vs null"},
         "steps": [int(x) for x in s],
     }

@@ -9,8 +9,16 @@ What the numbers mean:
   (:mod:`nnobs.observe.signal`).
 - *seeds*: the sweep probe (seed 42) is fit on all training tokens; seeds 43–49 each fit a
   cluster-bootstrap resample of the training documents (the probe's objective is convex, so
-  initialisation could not make seeds differ). Seed agreement is the mean pairwise Spearman
-  between those seeds' scores on the validation tokens.
+  initialisation could not make seeds differ). A seed in nnobs is therefore a resample of the
+  probe's training documents; in the reference method a seed also changes the probe's
+  initialisation and its early-stopped Adam path. Seed agreement is the mean pairwise
+  Spearman between those seeds' scores on the validation tokens.
+- *headline*: the seed ensemble's pcorr on the test split at the chosen layer, with an
+  interval over the test documents and the probe's training documents.
+- *null* and *verdict*: the headline measured the same way on ``null_models`` random-init
+  models of the same architecture (:mod:`nnobs.observe.null`); the verdict is a one-sided test
+  at ``level`` (:mod:`nnobs.measure.nulltest`), and the floor is the value the headline must
+  exceed.
 - *held-out text*: when the model was trained on the same corpus (its provenance names the
   corpus fingerprint), the probe never sees the model's training documents: probe-train and
   probe-validation are the two halves (by document) of the corpus's validation split, and
@@ -34,8 +42,9 @@ from nnobs.measure import stats
 from nnobs.measure.probes import LinearProbe
 from nnobs.models.adapter import ModelAdapter, provenance
 from nnobs.observe.capture import capture_scratch
+from nnobs.observe.null import random_init_null
 from nnobs.observe.settings import ObserveSettings
-from nnobs.observe.signal import candidate_layers
+from nnobs.observe.signal import candidate_layers, label_diagnostic
 from nnobs.observe.splits import (
     SplitData,
     capture_splits,
@@ -48,15 +57,15 @@ from nnobs.observe.stages import (
     baseline_statistics,
     control_sensitivity,
     cross_domain,
-    detection_floor,
     evaluate_on_test,
+    headline_under_label,
     layer_sweep,
     multiseed_evaluation,
     output_control,
 )
 
 SCHEMA = "nnobs.observe"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 class Stopwatch:
@@ -148,12 +157,13 @@ class _ProtocolRun:
             flagging = stats.flag_catches(
                 score, test.cap.max_softmax, test.cap.loss, self.settings.flag_rates
             )
-        with self.clock.stage("floor"):
-            floor = detection_floor(
+        with self.clock.stage("null"):
+            null = random_init_null(
                 self.adapter,
                 self.docs,
-                self.sites,
-                evaluation["baselines"],
+                layer,
+                site,
+                evaluation["headline"],
                 self.settings,
                 self.work_dir,
                 self.progress,
@@ -177,7 +187,8 @@ class _ProtocolRun:
         return {
             **selection,
             **evaluation,
-            "floor": floor,
+            "null": null,
+            "verdict": verdict_statement(evaluation["headline"], null),
             "flagging": flagging,
             "cross_domain": cross,
             "probe": _probe_record(sweep_probes[layer], layer, site, self.settings.sweep_seed),
@@ -223,7 +234,15 @@ class _ProtocolRun:
             controls = control_sensitivity(score, train, test, site)
         with self.clock.stage("baselines"):
             baselines = baseline_statistics(test, site, settings)
+        with self.clock.stage("labels"):
+            other = "reference" if settings.label == "rank" else "rank"
+            headline["by_label"] = {
+                settings.label: headline["ensemble"],
+                other: headline_under_label(train, test, site, settings, other, self.device),
+            }
+            labels = label_diagnostic(train, site)
         evaluation = {
+            "label": labels,
             "headline": headline,
             "output_controlled": {"site": last_site, "predictor": OUTPUT_PREDICTOR, **controlled},
             "controls": controls,
@@ -242,6 +261,27 @@ class _ProtocolRun:
             }
             for s in SPLITS
         }
+
+
+def verdict_statement(headline: dict[str, Any], null: dict[str, Any] | None) -> dict[str, Any]:
+    """The result's one-line answer, with the numbers it rests on."""
+    value, (lo, hi) = headline["ensemble"], headline["ensemble_ci95"]
+    where = f"layer {headline['layer']}: pcorr {value:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+    if null is None:
+        return {"signal": None, "statement": f"{where}; no null measured, so no verdict"}
+    p, floor, level = null["p_value"], null["floor"], null["level"]
+    verdict = "is" if null["significant"] else "is NOT"
+    return {
+        "signal": null["significant"],
+        "p_value": p,
+        "floor": floor,
+        "level": level,
+        "statement": (
+            f"the signal {verdict} above what random-init models of this architecture give "
+            f"({where}; null {null['null_mean']:+.3f} from {null['n_null']} models, floor "
+            f"{floor:+.3f}, p = {p:.3g}, level {level:g})"
+        ),
+    }
 
 
 def _probe_record(probe: LinearProbe, layer: int, site: str, seed: int) -> dict[str, Any]:

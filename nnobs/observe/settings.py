@@ -5,7 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from nnobs.core.errors import NnobsError
-from nnobs.core.fields import check_bool, check_int, check_number, is_int, is_number
+from nnobs.core.fields import check_choice, check_int, check_number, is_int, is_number
+
+# The probe's target: "rank" is the sign of the residual pcorr itself correlates (rank of loss
+# on the ranks of max softmax and norm); "reference" the reference method's OLS on raw values.
+LABELS = ("rank", "reference")
+# Token windows: "spread" takes random spans over every document of a split; "reference" the
+# reference method's openings of the shortest documents.
+SAMPLINGS = ("spread", "reference")
 
 
 @dataclass
@@ -17,21 +24,24 @@ class ObserveSettings:
     batch_size: int = 16
     site_kind: str = "resid_post"
     layers: list[int] | None = None
-    n_candidates: int = 3
+    n_candidates: int = 4
     max_depth_fraction: float = 0.8
+    label: str = "rank"
+    sampling: str = "spread"
     sweep_seed: int = 42
     seeds: list[int] = field(default_factory=lambda: list(range(43, 50)))
     flag_rates: list[float] = field(default_factory=lambda: [0.05, 0.10, 0.20, 0.30])
     n_boot: int = 1000
     random_heads: int = 100
-    random_init_floor: bool = True
+    null_models: int = 3
+    level: float = 0.05
     store_dtype: str = "float16"
     window_seed: int = 0
 
     def __post_init__(self) -> None:
         for name in ("ex_per_dim", "batch_size", "n_candidates", "n_boot", "random_heads"):
             check_int(name, getattr(self, name), 1)
-        for name in ("sweep_seed", "window_seed"):
+        for name in ("sweep_seed", "window_seed", "null_models"):
             check_int(name, getattr(self, name), 0)
         if self.seq_len is not None:
             check_int("seq_len", self.seq_len, 2)
@@ -52,7 +62,9 @@ class ObserveSettings:
             is_number(rate) and 0 < rate < 1 for rate in self.flag_rates
         ):
             raise NnobsError(f"flag_rates must be fractions in (0, 1), got {self.flag_rates!r}")
-        check_bool("random_init_floor", self.random_init_floor)
+        check_choice("label", self.label, LABELS)
+        check_choice("sampling", self.sampling, SAMPLINGS)
+        check_number("level", self.level, 0, 0.5, open_low=True)
         if self.store_dtype not in ("float16", "float32"):
             raise NnobsError(f"store_dtype must be float16 or float32, got {self.store_dtype!r}")
         check_number("max_depth_fraction", self.max_depth_fraction, 0, 1, open_low=True)

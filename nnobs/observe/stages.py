@@ -3,25 +3,27 @@ all, the trajectory its tracked subset (test evaluation and output control) per 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from nnobs.core.errors import NnobsError
-from nnobs.data.corpus import Corpus, Document
+from nnobs.data.corpus import Corpus
 from nnobs.measure import stats
+from nnobs.measure.nulltest import replicate_sd
 from nnobs.measure.predictors import LossMLP, NonlinearControl
 from nnobs.measure.probes import LinearProbe, linear_scores, random_head_scores
 from nnobs.models.adapter import ModelAdapter
 from nnobs.observe.settings import ObserveSettings
 from nnobs.observe.signal import (
+    CONTROLLED_AWAY,
     ci,
     ensemble_score,
     fit_probe,
     fit_seed_probes,
     hand_statistics,
+    headline_replicates,
     pcorr,
     seed_summary,
 )
@@ -36,7 +38,8 @@ def layer_sweep(
     """The sweep probe (all training tokens) at every layer, scored on the validation split."""
     sweep, probes = [], {}
     for layer, site in sites.items():
-        probe = probes[layer] = fit_probe(train, site, settings.sweep_seed, False, device)
+        probe = fit_probe(train, site, settings.sweep_seed, False, device, settings.label)
+        probes[layer] = probe
         score = probe.decision_function(val.acts(site))
         sweep.append(
             {
@@ -65,7 +68,7 @@ def layer_profile(
     for layer, site in sites.items():
         row: dict[str, Any] = {"layer": layer, "site": site}
         try:
-            probe = fit_probe(train, site, settings.sweep_seed, False, device)
+            probe = fit_probe(train, site, settings.sweep_seed, False, device, settings.label)
             score = probe.decision_function(val.acts(site))
             row.update(
                 pcorr=pcorr(score, val, site),
@@ -92,7 +95,7 @@ def multiseed_evaluation(
     rows, probes = [], {}
     for layer in candidates:
         site = sites[layer]
-        probes[layer] = fit_seed_probes(train, site, settings.seeds, device)
+        probes[layer] = fit_seed_probes(train, site, settings.seeds, device, settings.label)
         scores = linear_scores(probes[layer], val.acts(site))
         values = pcorr(scores, val, site)
         rows.append(
@@ -119,7 +122,9 @@ def evaluate_on_test(
     agreement: bool = False,
 ) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     """The best layer's seed probes on the test split: pcorr per seed, and of their ensemble
-    with its cluster-bootstrap CI (with ``agreement``, the seeds' agreement too).
+    with a 95% interval over the test documents *and* the probe's training documents
+    (:func:`nnobs.observe.signal.headline_replicates`), its standard deviation, and the
+    narrower interval over test documents alone (with ``agreement``, seed agreement too).
 
     Returns the record, the seeds' scores (one column each) and the ensemble score.
     """
@@ -130,6 +135,7 @@ def evaluate_on_test(
         "layer": layer,
         "site": site,
         "split": "test",
+        "label": settings.label,
         "seeds": list(settings.seeds),
         "per_seed": per_seed,
         **seed_summary(per_seed),
@@ -137,8 +143,27 @@ def evaluate_on_test(
     if agreement:
         record["seed_agreement"] = stats.seed_agreement(scores.T)
     record["ensemble"] = pcorr(score, test, site)
-    record["ensemble_ci95"] = ci(score, test, test.covariates(site), settings.n_boot)
+    replicates = headline_replicates(score, per_seed, test, site, settings.n_boot)
+    record["ensemble_ci95"] = list(stats.percentile_interval(replicates))
+    record["ensemble_sd"] = replicate_sd(replicates)
+    record["ensemble_ci95_test_docs"] = ci(score, test, test.covariates(site), settings.n_boot)
+    record["undefined_resamples"] = int(np.isnan(replicates).sum())
+    record["interval"] = "test documents and the probe's training documents (seed deviations)"
     return record, scores, score
+
+
+def headline_under_label(
+    train: SplitData,
+    test: SplitData,
+    site: str,
+    settings: ObserveSettings,
+    label: str,
+    device: str,
+) -> float:
+    """The ensemble's test pcorr at ``site`` with probes trained on another ``label``: the
+    headline as a method using that label would report it."""
+    probes = fit_seed_probes(train, site, settings.seeds, device, label)
+    return pcorr(ensemble_score(linear_scores(probes, test.acts(site))), test, site)
 
 
 def output_control(
@@ -201,12 +226,17 @@ def control_sensitivity(
 
 def baseline_statistics(test: SplitData, site: str, settings: ObserveSettings) -> dict[str, Any]:
     """Hand-designed statistics and random heads through the same controlled statistic."""
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {
+        name: {"pcorr": None, "note": "a function of the norm covariate: controlled away"}
+        for name in CONTROLLED_AWAY
+    }
     for name, value in hand_statistics(test.acts(site)).items():
         try:
             out[name] = {"pcorr": pcorr(value, test, site)}
-        except NnobsError as err:  # the norm baseline is a covariate itself: controlled away
+        except NnobsError as err:  # e.g. constant over the split
             out[name] = {"pcorr": None, "note": str(err)}
+    out["active_ratio"]["definition"] = "share of units with |h| > 0.01"
+    out["activation_entropy"]["definition"] = "entropy of |h| normalised to sum 1"
     values = np.asarray(
         pcorr(random_head_scores(test.acts(site), settings.random_heads), test, site)
     )
@@ -218,68 +248,6 @@ def baseline_statistics(test: SplitData, site: str, settings: ObserveSettings) -
         "values": values.tolist(),
     }
     return out
-
-
-def detection_floor(
-    adapter: ModelAdapter,
-    docs: dict[str, list[Document]],
-    sites: dict[int, str],
-    baselines: dict[str, Any],
-    settings: ObserveSettings,
-    work_dir: Path,
-    progress: bool,
-    log: Callable[[str], None],
-) -> dict[str, Any]:
-    """pcorr where no learned signal can exist: the same architecture, randomly initialised.
-
-    Probes are trained at every layer of the random-init model exactly as on the real one (the
-    sweep seed and every multi-seed seed), and random heads are read there too. The floor is the
-    95% quantile of the absolute null values: a null comes out negative as easily as positive.
-    Random heads on the *trained* model are a baseline, not a null (a random readout of a
-    trained representation can carry signal), and are reported under ``baselines``.
-    """
-    if not settings.random_init_floor:
-        values = np.abs(baselines["random_head"]["values"])
-        summary = stats.detection_floor(values)
-        return {
-            "value": summary["floor"],
-            "quantile": summary["quantile"],
-            "n_null": summary["n"],
-            "source": "random heads on the trained model (random-init floor skipped)",
-            "random_init": None,
-        }
-    log("detection floor: random-init model")
-    from nnobs.models.load import random_init_like
-
-    fresh = random_init_like(adapter, seed=0)
-    null_docs = {"train": docs["train"], "validation": docs["validation"]}
-    data = capture_splits(
-        fresh, null_docs, list(sites.values()), settings, work_dir, progress, "random-init-"
-    )
-    train, val = data["train"], data["validation"]
-    per_layer, nulls = {}, []
-    device = str(fresh.device)
-    for layer, site in sites.items():
-        probes = [
-            fit_probe(train, site, settings.sweep_seed, False, device),
-            *fit_seed_probes(train, site, settings.seeds, device),
-        ]
-        values = pcorr(linear_scores(probes, val.acts(site)), val, site)
-        head_values = np.asarray(pcorr(random_head_scores(val.acts(site), 20), val, site))
-        per_layer[layer] = {
-            "probe_pcorr": values,
-            "random_head_mean_abs": float(np.abs(head_values).mean()),
-        }
-        nulls.extend(np.abs(values))
-        nulls.extend(np.abs(head_values))
-    summary = stats.detection_floor(np.asarray(nulls))
-    return {
-        "value": summary["floor"],
-        "quantile": summary["quantile"],
-        "n_null": summary["n"],
-        "source": "probes (all seeds) and 20 random heads per layer on a random-init model",
-        "random_init": {"split": "validation", "tokens": val.n, "per_layer": per_layer},
-    }
 
 
 def cross_domain(

@@ -9,13 +9,14 @@ Per checkpoint (DESIGN.md section 2, "Over training"):
   split, their ensemble with a CI, and seed agreement;
 - *output-controlled residual*: the ensemble's pcorr with an MLP's loss prediction from the
   last layer as an extra covariate;
-- *random heads* at the best layer (null values for the floor);
+- *random heads* at the best layer (a baseline for the probe);
 - optionally, attribute probes per layer (:mod:`nnobs.observe.attribute_probes`).
 
-Once per run: the detection floor (step 0 is the randomly initialised model, probed at every
-layer, pooled with the random heads of the last checkpoint), linear CKA of every layer to the
-same layer of the last checkpoint, the last checkpoint's layer × layer CKA, and the collapse
-verdict (:mod:`nnobs.observe.collapse`).
+Once per run: the null (step 0 is the randomly initialised model, measured like every
+checkpoint; a fresh initialisation when the run has no step 0) and its floor, linear CKA of
+every layer to the same layer of the last checkpoint, the last checkpoint's layer × layer
+CKA, and the collapse verdict: tests of each checkpoint against the null
+(:mod:`nnobs.observe.collapse`).
 
 Shared across checkpoints instead of repeated per ``nnobs observe`` call: loading the corpus,
 the document splits, the tokenizer, the tokenisation and the token windows (every checkpoint
@@ -60,7 +61,7 @@ from nnobs.observe.stages import evaluate_on_test, layer_profile, output_control
 from nnobs.observe.trajectory_summary import cka_to_final, collapse_verdict, random_init_floor
 
 SCHEMA = "nnobs.trajectory"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 OBSERVED = ("observed", "shrunk")
 # Captures above this many bytes go to disk as memory maps instead of RAM.
 _IN_MEMORY_BYTES = 1 << 30
@@ -249,7 +250,7 @@ class TrajectoryObserver:
             measured = [r for r in record["layers"] if r["pcorr"] is not None]
             layer = candidate_layers(measured, adapter.n_layers, s)[0]
             site = sites[layer]
-            probes = fit_seed_probes(train, site, s.seeds, device)
+            probes = fit_seed_probes(train, site, s.seeds, device, s.label)
             record["best"], _, score = evaluate_on_test(
                 probes, test, layer, site, s, agreement=True
             )
@@ -304,8 +305,10 @@ class TrajectoryObserver:
         """The detection floor (:func:`random_init_floor`) from the step-0 checkpoint, else
         from :meth:`observe_random_init`."""
         if 0 in self.records:
-            return random_init_floor({"source": "step 0 checkpoint", **self.records[0]})
-        return random_init_floor(self.random_init)
+            init = {"source": "step 0 checkpoint", **self.records[0]}
+        else:
+            init = self.random_init
+        return random_init_floor(init, self.settings.level)
 
     def observed(self) -> list[dict[str, Any]]:
         return [
@@ -333,7 +336,7 @@ class TrajectoryObserver:
         observed = self.observed()
         collapse = None
         if floor is not None and len(observed) >= 2:
-            collapse = collapse_verdict(observed, floor["value"])
+            collapse = collapse_verdict(observed, floor, self.settings.level)
         tokens = None
         if self._windows is not None:
             budget = self.settings.token_budget(self._model["d_model"])

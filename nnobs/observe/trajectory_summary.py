@@ -1,5 +1,5 @@
-"""A trajectory's once-per-run statistics, from its checkpoint records: the detection floor, CKA
-of every layer to the final checkpoint, and the collapse verdict."""
+"""A trajectory's once-per-run statistics, from its checkpoint records: the random-init null and
+its floor, CKA of every layer to the final checkpoint, and the collapse verdict."""
 
 from __future__ import annotations
 
@@ -7,36 +7,46 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy.stats import norm
 
-from nnobs.measure import stats
 from nnobs.measure.cka import cka_matrix, linear_cka
-from nnobs.observe.collapse import detect_collapse
+from nnobs.observe.collapse import detect_collapse, sd_from_interval
 
 
-def random_init_floor(init: dict[str, Any] | None) -> dict[str, Any] | None:
-    """pcorr where no learned signal can exist: the randomly initialised model's record
-    (``init``, with its ``source``), probed at every layer and read by random heads at its
-    best layer; the floor is the 95% quantile of those |pcorr|. None when there is no usable
-    record.
+def random_init_floor(init: dict[str, Any] | None, level: float = 0.05) -> dict[str, Any] | None:
+    """The null of the run's verdicts: the randomly initialised model's record (``init``, with
+    its ``source``), measured like every checkpoint. Its best-layer headline (with its standard
+    deviation) is the headline series' null, each layer of its profile that layer's null;
+    ``value`` is the headline's floor, the null plus its one-sided ``1 - level`` normal
+    quantile. None when there is no usable record.
 
-    Random heads on *trained* checkpoints are not pooled in: random directions of a trained
-    residual stream carry learned structure (their |pcorr| grows with training), so they are a
-    baseline for the probe, reported per checkpoint, not a null for the signal.
+    Random heads on *trained* checkpoints are not a null: random directions of a trained
+    residual stream carry learned structure (their |pcorr| grows with training); they are a
+    baseline for the probe, reported per checkpoint.
     """
-    if init is None or init.get("status") == "failed" or "random_head" not in init:
+    if init is None or init.get("status") == "failed" or "best" not in init:
         return None
-    layer_values = np.abs([r["pcorr"] for r in init["layers"] if r["pcorr"] is not None])
-    summary = stats.detection_floor(
-        np.concatenate([layer_values, init["random_head"]["abs_values"]])
-    )
+    best = init["best"]
+    null_sd = _sd(best)
     return {
-        "value": summary["floor"],
-        "quantile": summary["quantile"],
-        "n_null": summary["n"],
+        "value": float(best["ensemble"] + norm.isf(level) * null_sd),
+        "null_value": best["ensemble"],
+        "null_sd": null_sd,
+        "level": level,
         "source": init["source"],
+        "statistic": "the best layer's seed-ensemble pcorr on the test split",
         "random_init_per_layer": [r["pcorr"] for r in init["layers"]],
-        "random_init_heads_abs_q95": init["random_head"]["abs_q95"],
+        "random_init_per_layer_sd": [
+            None if r["pcorr"] is None else sd_from_interval(*r["ci95"]) for r in init["layers"]
+        ],
     }
+
+
+def _sd(best: dict[str, Any]) -> float:
+    """A headline's standard deviation (records from before it was stored: from its interval)."""
+    if "ensemble_sd" in best:
+        return best["ensemble_sd"]
+    return sd_from_interval(*best["ensemble_ci95"])
 
 
 def cka_to_final(
@@ -71,29 +81,52 @@ def cka_to_final(
     }
 
 
-def collapse_verdict(observed: list[dict[str, Any]], floor: float) -> dict[str, Any]:
+def collapse_verdict(
+    observed: list[dict[str, Any]], floor: dict[str, Any], level: float = 0.05
+) -> dict[str, Any]:
     """The collapse verdict (:func:`nnobs.observe.collapse.detect_collapse`) of the observed
-    checkpoint records, in step order, against the detection floor."""
+    checkpoint records, in step order, against the random-init null in ``floor``."""
     # The trainer's validation loss where every step has one; else the mean loss on the
     # probe's validation tokens, which every measured checkpoint has.
     key = "val_loss" if all(r["val_loss"] is not None for r in observed) else None
     layers = [layer["layer"] for layer in observed[0]["layers"]]
-    signal = [[_signal(r["layers"][i]) for r in observed] for i in range(len(layers))]
+    series = {
+        HEADLINE: ([r["best"]["ensemble"] for r in observed], [_sd(r["best"]) for r in observed])
+    }
+    null = {HEADLINE: (floor["null_value"], floor["null_sd"])}
+    for i, layer in enumerate(layers):
+        null_value, null_sd = (
+            floor["random_init_per_layer"][i],
+            floor["random_init_per_layer_sd"][i],
+        )
+        if null_value is None:  # the random-init layer could not be measured: no null
+            continue
+        rows = [_signal(r["layers"][i]) for r in observed]
+        series[layer] = ([v for v, _ in rows], [sd for _, sd in rows])
+        null[layer] = (null_value, null_sd)
     collapse = detect_collapse(
         steps=[r["step"] for r in observed],
         val_loss=[r[key or "capture_val_loss"] for r in observed],
-        pcorr={layer: [p for p, _ in signal[i]] for i, layer in enumerate(layers)},
-        floor=floor,
-        ci_low={layer: [low for _, low in signal[i]] for i, layer in enumerate(layers)},
+        series=series,
+        null=null,
+        headline=HEADLINE,
+        level=level,
     )
+    if collapse["peak_step"] is not None:  # name the layer the headline peaked at
+        at_peak = next(r for r in observed if r["step"] == collapse["peak_step"])
+        collapse["peak_layer"] = at_peak["best"]["layer"]
+        if collapse["verdict"] == "erased":
+            collapse["layer"] = collapse["peak_layer"]
     collapse["loss"] = "trainer validation loss" if key else "probe validation tokens"
     return collapse
 
 
+HEADLINE = "best layer"
+
+
 def _signal(row: dict[str, Any]) -> tuple[float, float]:
-    """(pcorr, CI low) of a layer for collapse detection: an undefined statistic (a constant
-    representation) carries no readable signal and counts as 0; a percentile interval from few
-    documents can sit above its estimate, so its low end is capped there."""
+    """(pcorr, sd) of a layer: an undefined statistic (a constant representation) carries no
+    readable signal and counts as 0 with no spread."""
     if row["pcorr"] is None:
         return 0.0, 0.0
-    return row["pcorr"], min(row["ci95"][0], row["pcorr"])
+    return row["pcorr"], sd_from_interval(*row["ci95"])

@@ -18,6 +18,7 @@ VERDICT_WORDS = {
     "erased": "erased (collapse)",
     "never_formed": "never formed",
     "fell_with_loss": "fell with the loss",
+    "inconclusive": "inconclusive (formed; its fall is within the noise)",
     "mixed": "mixed across seeds",
 }
 
@@ -32,7 +33,8 @@ th { background: #f3f3f3; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .verdict-retained { color: #11632b; font-weight: 600; }
 .verdict-erased { color: #a3141a; font-weight: 600; }
-.verdict-never_formed, .verdict-fell_with_loss, .verdict-mixed { color: #8a5a00; font-weight: 600; }
+.verdict-never_formed, .verdict-fell_with_loss, .verdict-mixed,
+.verdict-inconclusive { color: #8a5a00; font-weight: 600; }
 figure { margin: 1.2em 0; }
 figure img { max-width: 100%; border: 1px solid #eee; }
 figcaption { font-size: 0.88em; color: #555; }

@@ -23,7 +23,8 @@ def save_figure(fig: Figure, path: str | Path) -> Path:
 
 
 def layer_profile(result: dict, path: str | Path) -> Path:
-    """pcorr per layer (sweep), the multi-seed candidates with their spread, the floor."""
+    """pcorr per layer (sweep), the multi-seed candidates with their spread, the test headline
+    with its interval, and the random-init null with the floor at the reported layer."""
     fig, ax = plt.subplots(figsize=(7, 4))
     layers = [r["layer"] for r in result["sweep"]]
     ax.plot(
@@ -59,13 +60,20 @@ def layer_profile(result: dict, path: str | Path) -> Path:
         color="C3",
         label="test (ensemble, 95% CI)",
     )
-    ax.axhspan(
-        -result["floor"]["value"],
-        result["floor"]["value"],
-        color="grey",
-        alpha=0.15,
-        label="detection floor",
-    )
+    null = result.get("null")
+    if null is not None:  # the verdict's floor, measured at the reported layer
+        ax.errorbar(
+            [result["layer"] + 0.15],
+            [null["null_mean"]],
+            yerr=[[0.0], [null["floor"] - null["null_mean"]]],
+            fmt="x",
+            capsize=4,
+            color="grey",
+            label=f"random-init null → floor (level {null['level']:g})",
+        )
+    elif "floor" in result:  # results from before the calibrated null
+        value = result["floor"]["value"]
+        ax.axhspan(-value, value, color="grey", alpha=0.15, label="detection floor")
     ax.axhline(0, color="black", linewidth=0.5)
     ax.set_xlabel("layer")
     ax.set_ylabel("partial Spearman with loss")

@@ -51,6 +51,11 @@ def _verdict_sentence(v: dict) -> str:
         )
     if verdict == "fell_with_loss":
         return f"The signal fell as the validation loss rose (not a collapse); {numbers}."
+    if verdict == "inconclusive":
+        return (
+            f"The signal formed but ends neither above the random-init null nor clearly below "
+            f"its peak ({counts['inconclusive']}/{n} seeds); {numbers}."
+        )
     spread = ", ".join(f"{k.replace('_', ' ')} {c}" for k, c in counts.items())
     return f"Seeds disagree ({spread}); {numbers}."
 

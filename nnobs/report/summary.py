@@ -62,20 +62,33 @@ def _sweep_table(result: dict) -> str:
 
 
 def _headline(result: dict) -> list[str]:
-    """The test pcorr at the reported layer, against the floor, and output-controlled."""
-    head, floor, oc = result["headline"], result["floor"], result["output_controlled"]
+    """The verdict, the test pcorr at the reported layer and what it rests on."""
+    head, oc = result["headline"], result["output_controlled"]
     lo, hi = head["ensemble_ci95"]
     olo, ohi = oc["ensemble_ci95"]
-    verdict = "above" if lo > floor["value"] else "NOT above"
-    return [
+    lines = [
         "",
-        f"test pcorr at layer {result['layer']}: {head['mean']:+.3f} ± {head['std']:.3f} over "
-        f"{len(head['seeds'])} seeds; ensemble {head['ensemble']:+.3f} "
-        f"[95% CI {lo:+.3f}, {hi:+.3f}]",
-        f"detection floor: {floor['value']:.3f}  → the signal is {verdict} the floor",
-        f"output-controlled: {oc['ensemble']:+.3f} [{olo:+.3f}, {ohi:+.3f}] "
-        f"(last-layer loss predictor R² {oc['predictor_r2_test']:.3f})",
+        f"test pcorr at layer {result['layer']}: ensemble {head['ensemble']:+.3f} "
+        f"[95% CI {lo:+.3f}, {hi:+.3f}]; {len(head['seeds'])} seeds {head['mean']:+.3f} "
+        f"± {head['std']:.3f}",
     ]
+    if "verdict" in result:
+        labels = head["by_label"]
+        lines += [
+            f"interval over: {head.get('interval', 'test documents')}",
+            f"label {head['label']}; under the rank label {labels['rank']:+.3f}, under the "
+            f"reference label {labels['reference']:+.3f}",
+            f"verdict: {result['verdict']['statement']}",
+        ]
+    else:  # a result from before the calibrated null (schema 1)
+        floor = result["floor"]["value"]
+        verdict = "above" if lo > floor else "NOT above"
+        lines.append(f"detection floor: {floor:.3f}  → the signal is {verdict} the floor")
+    lines.append(
+        f"output-controlled: {oc['ensemble']:+.3f} [{olo:+.3f}, {ohi:+.3f}] "
+        f"(last-layer loss predictor R² {oc['predictor_r2_test']:.3f})"
+    )
+    return lines
 
 
 def _controls(result: dict) -> list[str]:
@@ -97,7 +110,11 @@ def _controls(result: dict) -> list[str]:
 
 def _baselines(result: dict) -> list[str]:
     base = result["baselines"]
-    rows = [[k, _f(v["pcorr"])] for k, v in base.items() if k != "random_head"]
+    rows = [
+        [k, _f(v["pcorr"]) if v["pcorr"] is not None else v.get("note", "—")]
+        for k, v in base.items()
+        if k != "random_head"
+    ]
     rh = base["random_head"]
     rows.append([f"random head (n={rh['n']})", f"{rh['mean']:+.3f} ± {rh['std']:.3f}"])
     return ["", "baselines (test, standard controls)", table(rows, ["statistic", "pcorr"])]
