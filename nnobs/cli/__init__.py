@@ -25,6 +25,7 @@ COMMAND_MODULES = [
     "nnobs.cli.attribute",
     "nnobs.cli.study",
     "nnobs.cli.features",
+    "nnobs.cli.finetune",
     "nnobs.cli.grow",
     "nnobs.cli.routing",
     "nnobs.cli.report",
