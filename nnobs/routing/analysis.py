@@ -75,7 +75,7 @@ def routing_cells(adapter: ModelAdapter, n_bands: int) -> list[Cell]:
     return cells
 
 
-def _edits(cell: Cell, mode: str, means: dict[str, torch.Tensor]) -> dict[str, Edit]:
+def cell_edits(cell: Cell, mode: str, means: dict[str, torch.Tensor]) -> dict[str, Edit]:
     """The route-site edits of one cell; a site whose only sources are the family cannot be
     masked (nothing would be left) and is left unedited."""
     edits = {}
@@ -156,7 +156,9 @@ def measure_routing(
     deviation of weights over tokens."""
     sites = sorted({site for cell in cells for site in cell.sources})
     means, stds = mean_routing(adapter, windows, sites, batch_size)
-    plans = [(cell, _edits(cell, "mask", means), _edits(cell, "fix", means)) for cell in cells]
+    plans = [
+        (cell, cell_edits(cell, "mask", means), cell_edits(cell, "fix", means)) for cell in cells
+    ]
     totals = _DocTotals(windows.doc_ids, len(cells) * len(MEASURES))
     batches = list(_batches(windows, batch_size))
     for rows, ids, targets, valid in tqdm(batches, desc="routing", disable=not progress):
