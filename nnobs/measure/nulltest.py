@@ -9,9 +9,14 @@ the null mean is then normal with variance
 
     observed_sd² + between² + (within² + between²) / K,
 
-where ``within²`` is the null models' mean sampling variance. The p-value is one-sided (a
-signal is a value *above* the null), and the floor is the value the observed one must exceed
-to be significant at ``level``: the (1 − level) quantile of that predictive distribution.
+where ``within²`` is the null models' mean sampling variance. The between-model part is
+estimated from only ``K`` values, so the reference distribution is Student's t with
+Welch–Satterthwaite degrees of freedom (the sample variance of the null values has ``K - 1``;
+the bootstrap variances are treated as known): normal when the null models agree within
+their sampling noise, close to t with ``K - 1`` degrees of freedom when they do not. The
+p-value is one-sided (a signal is a value *above* the null), and the floor is the value the
+observed one must exceed to be significant at ``level``: the (1 − level) quantile of that
+predictive distribution.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from scipy.stats import norm
+from scipy.stats import t as student_t
 
 from nnobs.core.errors import NnobsError
 from nnobs.measure.stats import as_vector
@@ -53,12 +58,20 @@ def compare_to_null(
         raise NnobsError("standard deviations must be >= 0")
     k = len(values)
     within = float(np.mean(sds**2))
-    between = max(0.0, float(values.var(ddof=1)) - within) if k >= 2 else 0.0
-    predictive_sd = float(np.sqrt(observed_sd**2 + between + (within + between) / k))
+    spread = float(values.var(ddof=1)) if k >= 2 else 0.0
+    if spread > within:  # the models differ beyond their sampling noise
+        between = spread - within
+        estimated = spread * (1 + 1 / k)  # the part that rests on the K null values
+        variance = observed_sd**2 + estimated - within
+        dof = variance**2 * (k - 1) / estimated**2
+    else:
+        between, variance, dof = 0.0, observed_sd**2 + within / k, np.inf
+    predictive_sd = float(np.sqrt(variance))
     mean = float(values.mean())
     if predictive_sd == 0:
         raise NnobsError("the null and the observed value have no spread; the test is undefined")
     z = (observed - mean) / predictive_sd
+    p_value = float(student_t.sf(z, dof))
     return {
         "null_mean": mean,
         "null_values": values.tolist(),
@@ -67,8 +80,9 @@ def compare_to_null(
         "predictive_sd": predictive_sd,
         "n_null": k,
         "level": level,
-        "floor": float(mean + norm.isf(level) * predictive_sd),
+        "degrees_of_freedom": None if np.isinf(dof) else float(dof),
+        "floor": float(mean + student_t.isf(level, dof) * predictive_sd),
         "z": float(z),
-        "p_value": float(norm.sf(z)),
-        "significant": bool(norm.sf(z) < level),
+        "p_value": p_value,
+        "significant": bool(p_value < level),
     }
