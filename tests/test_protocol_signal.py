@@ -117,3 +117,36 @@ def test_seeds_resample_documents_and_still_agree_on_a_real_signal(seed):
         [a.decision_function(test.acts(SITE)), b.decision_function(test.acts(SITE))]
     )
     assert agreement > 0.9
+
+
+def test_the_labels_positive_rates_by_confidence_show_what_each_label_learns():
+    # Loss is convex in confidence: the reference label's OLS line sits below the loss of
+    # near-certain tokens, so it calls most of them "worse than predicted"; the rank label
+    # (the residual pcorr correlates) stays near one half there.
+    from nnobs.observe.signal import label_diagnostic
+
+    train = synthetic_split("train", 6000, 1, 0.3, plant=False)
+    rates = label_diagnostic(train, SITE)
+    assert len(rates["max_softmax_edges"]) == 11 and len(rates["rank"]) == 10
+    assert rates["reference"][-1] > 0.65 and abs(rates["rank"][-1] - 0.5) < 0.15
+    # each label is positive for about half the tokens overall
+    from nnobs.observe.signal import residual_labels
+
+    for label in ("rank", "reference"):
+        assert 0.35 < residual_labels(train, SITE, label).mean() < 0.65
+
+
+def test_headline_replicates_add_the_probe_training_spread_to_the_test_documents():
+    from nnobs.observe.signal import headline_replicates
+
+    test = synthetic_split("test", 4000, 2, 0.3)
+    score = test.acts(SITE)[:, 0].astype(np.float64) + test.cap.loss
+    docs_only = stats.partial_spearman_replicates(
+        score, test.cap.loss, test.covariates(SITE), n_boot=2000, groups=test.cap.doc_ids
+    )
+    seeds = [0.20, 0.30, 0.25, 0.15, 0.35]  # a probe-training spread larger than the documents'
+    both = headline_replicates(score, seeds, test, SITE, n_boot=2000)
+    seed_var = np.var(seeds, ddof=1)  # the sqrt(S/(S-1)) scaling makes this the added variance
+    assert np.var(both) == pytest.approx(np.var(docs_only) + seed_var, rel=0.15)
+    # centred where the documents-only replicates are: seed deviations add spread, not bias
+    assert np.mean(both) == pytest.approx(np.mean(docs_only), abs=0.01)
