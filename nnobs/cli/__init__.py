@@ -26,6 +26,7 @@ COMMAND_MODULES = [
     "nnobs.cli.study",
     "nnobs.cli.features",
     "nnobs.cli.finetune",
+    "nnobs.cli.drift",
     "nnobs.cli.grow",
     "nnobs.cli.routing",
     "nnobs.cli.report",

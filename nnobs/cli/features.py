@@ -79,43 +79,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _windows(adapter: ModelAdapter, args: argparse.Namespace, split: str, tokens: int):
-    from nnobs.interventions.direction import direction_windows
+    from nnobs.features.stream import budget_windows
 
-    if tokens < 1:
-        raise NnobsError(f"token budgets must be positive, got {tokens}")
-    length = min(args.window_len, adapter.context_length or args.window_len)
-    n_windows = max(1, -(-tokens // length))
-    return direction_windows(adapter.tokenizer, args.corpus, split, n_windows, length, args.seed)
+    return budget_windows(adapter, args.corpus, split, tokens, args.window_len, args.seed)
 
 
 def _train_sae(adapter: ModelAdapter, args: argparse.Namespace, out: Path):
     """Train a TopK SAE on --sae-split, evaluate it on the test split, save it to OUT/sae."""
     from nnobs.features.sae_eval import evaluate_sae
-    from nnobs.features.stream import site_batches, site_width
-    from nnobs.features.train_sae import SAESettings, TopKSAETrainer
+    from nnobs.features.train_sae import budget_settings, train_site_sae
 
-    site_width(adapter, args.site)
-    settings = SAESettings(
-        expansion=args.expansion,
-        k=args.k,
-        tokens=args.sae_tokens,
-        seed=args.seed,
-        batch_tokens=min(1024, max(1, args.sae_tokens // 8)),
-        buffer_tokens=min(32_768, max(2, args.sae_tokens // 4)),
-        dead_tokens=min(50_000, max(1, args.sae_tokens // 4)),
-    )
+    settings = budget_settings(args.sae_tokens, expansion=args.expansion, k=args.k, seed=args.seed)
     windows = _windows(adapter, args, args.sae_split, args.sae_tokens)
-    chunks = (b.acts[b.valid] for b in site_batches(adapter, windows, args.site, args.batch_size))
-    trainer = TopKSAETrainer(settings, args.site).fit(chunks, progress=True)
+    sae = train_site_sae(adapter, args.site, windows, settings, args.batch_size, True).sae_
     held_out = _windows(adapter, args, "test", args.ablate_tokens)
-    metrics = evaluate_sae(
-        adapter, trainer.sae_, held_out, batch_size=args.batch_size, n_boot=args.n_boot
-    )
-    trainer.sae_.metadata.update(
+    metrics = evaluate_sae(adapter, sae, held_out, batch_size=args.batch_size, n_boot=args.n_boot)
+    sae.metadata.update(
         model_name=str(args.model), context_size=held_out.seq_len, nnobs_metrics=metrics
     )
-    trainer.sae_.save(out / "sae")
-    return trainer.sae_, metrics
+    sae.save(out / "sae")
+    return sae, metrics
 
 
 def _source(adapter: ModelAdapter, args: argparse.Namespace, out: Path):

@@ -205,3 +205,20 @@ def direct_logits(adapter: ModelAdapter, source: FeatureSource) -> torch.Tensor 
         if weight is not None:
             dirs = dirs * weight.detach().float().cpu()
     return dirs @ model.unembed.weight.detach().float().cpu().T
+
+
+class SubsetSource(FeatureSource):
+    """Some features of another source, under their original indices (as labels)."""
+
+    def __init__(self, source: FeatureSource, indices: list[int]) -> None:
+        super().__init__(source.site, len(indices), [f"{source.kind} {i}" for i in indices])
+        self.source, self.indices, self.kind = source, list(indices), source.kind
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.source.encode(x)[:, self.indices]
+
+    def site_directions(self) -> torch.Tensor:
+        return self.source.site_directions()[self.indices]
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.source.describe(), "n_features": self.n_features, "indices": self.indices}

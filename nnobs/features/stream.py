@@ -56,3 +56,22 @@ def site_batches(
         with torch.inference_mode():
             _, cache = adapter.run_with_cache(ids, [site], attention_mask=valid.long())
         yield SiteBatch(cache[site].float(), ids, valid, first)
+
+
+def budget_windows(
+    adapter: ModelAdapter,
+    corpus: str,
+    split: str,
+    tokens: int,
+    window_len: int,
+    seed: int = 0,
+) -> Windows:
+    """About ``tokens`` scored tokens of a corpus split in windows of ``window_len`` (at most
+    the model's context), spread over its documents by the protocol's windowing policy."""
+    from nnobs.interventions.direction import direction_windows
+
+    if tokens < 1:
+        raise NnobsError(f"token budgets must be positive, got {tokens}")
+    length = min(window_len, adapter.context_length or window_len)
+    n_windows = max(1, -(-tokens // length))
+    return direction_windows(adapter.tokenizer, corpus, split, n_windows, length, seed)

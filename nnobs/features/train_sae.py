@@ -22,7 +22,10 @@ from tqdm import tqdm
 
 from nnobs.core.errors import NnobsError
 from nnobs.core.fields import check_int, check_number
+from nnobs.data.windows import Windows
 from nnobs.features.sae import SparseAutoencoder
+from nnobs.features.stream import site_batches, site_width
+from nnobs.models.adapter import ModelAdapter
 
 
 @dataclass(frozen=True)
@@ -182,3 +185,29 @@ class TopKSAETrainer:
             "dead_fraction": self.dead_fraction_,
         }
         return self
+
+
+def train_site_sae(
+    adapter: ModelAdapter,
+    site: str,
+    windows: Windows,
+    settings: SAESettings,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> TopKSAETrainer:
+    """A TopK SAE fitted to ``site``'s activations over ``windows``, streamed from the model."""
+    site_width(adapter, site)  # refuses a site without per-token vectors
+    chunks = (b.acts[b.valid] for b in site_batches(adapter, windows, site, batch_size))
+    return TopKSAETrainer(settings, site).fit(chunks, progress=progress)
+
+
+def budget_settings(tokens: int, **changes) -> SAESettings:
+    """Settings for a ``tokens`` budget: batch, buffer and dead-feature horizon shrunk to fit
+    small budgets (a budget smaller than the buffer would otherwise train on one shuffle)."""
+    return SAESettings(
+        tokens=tokens,
+        batch_tokens=min(1024, max(1, tokens // 8)),
+        buffer_tokens=min(32_768, max(2, tokens // 4)),
+        dead_tokens=min(50_000, max(1, tokens // 4)),
+        **changes,
+    )

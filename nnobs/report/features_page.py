@@ -88,7 +88,7 @@ def _ablation(effect: dict[str, Any] | None) -> str:
     )
 
 
-def _card(feature: dict[str, Any]) -> str:
+def feature_card(feature: dict[str, Any]) -> str:
     peak = feature["max"] or 0.0
     label = f" ({escape(feature['label'])})" if feature["label"] else ""
     parts = [
@@ -172,6 +172,6 @@ def render_features(doc: dict[str, Any], out: str | Path) -> Path:
     silent = len(doc["features"]) - len(active)
     page.add(f"<h2>Dashboards</h2><p>{len(active)} active features; {silent} never active.</p>")
     page.add(SEARCH_BOX)
-    page.add("".join(_card(f) for f in active))
+    page.add("".join(feature_card(f) for f in active))
     page.add(SEARCH_SCRIPT)
     return page.write()
