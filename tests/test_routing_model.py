@@ -146,6 +146,7 @@ def test_every_parameter_learns_and_the_state_round_trips():
     assert torch.equal(copy.eval()(IDS), model.eval()(IDS))
 
 
+@pytest.mark.slow
 def test_an_interrupted_routed_run_resumes_exactly(python_corpus, nnobs_cache, tmp_path):
     from nnobs.models.checkpoint import load_checkpoint
     from nnobs.training.trainer import train

@@ -1,7 +1,8 @@
 """``nnobs report``: one self-contained HTML page from the result documents in a directory.
 
 Works on a study directory (``study.json``), a run directory (``trajectory/trajectory.json``
-and, if present, ``observe/observe.json``) or an observe directory (``observe.json``). The
+and, if present, ``observe/observe.json``), an observe directory (``observe.json``) or a
+routing directory (``routing.json``, :mod:`nnobs.report.routing_page`). The
 page embeds its PNG plots as data URIs, so it is a single file that can be mailed or
 archived; the PNGs are also written beside it. Everything drawn is read from the JSON
 documents, which the page names: no statistic is recomputed here.
@@ -22,7 +23,9 @@ from nnobs.core.files import check_output_dir
 from nnobs.core.results import load_result
 from nnobs.core.rundir import RunDir
 from nnobs.report import plots
+from nnobs.report.observe_page import render_observe_page
 from nnobs.report.page import Page, escape, interval, number, verdict_span
+from nnobs.report.routing_page import render_routing
 from nnobs.report.study_page import render_study
 
 # ------------------------------------------------------------------------- trajectory
@@ -156,17 +159,9 @@ def _budget_note(page: Page, budget: dict | None) -> None:
 
 
 def render_observe(page: Page, result: dict) -> None:
-    """The section for one observe result: its layer profile and summary tables."""
-    from nnobs.report.summary import observe_summary
-
-    page.add("<h2>Observability protocol (one checkpoint)</h2>")
-    page.figure(
-        "layer_profile",
-        lambda p: plots.layer_profile(result, p),
-        "pcorr per layer (sweep), the multi-seed candidates, the test headline with its CI and "
-        "the detection floor. Data: observe.json.",
-    )
-    page.add(f"<pre>{escape(observe_summary(result))}</pre>")
+    """The section for one observe result: its verdict, then the evidence
+    (:mod:`nnobs.report.observe_page`)."""
+    render_observe_page(page, result)
 
 
 # ----------------------------------------------------------------------------- entry
@@ -190,6 +185,9 @@ def render_report(directory: str | Path, out_dir: str | Path | None = None) -> P
     study = _first(directory / "study.json")
     if study is not None:
         return render_study(load_result(study, "nnobs.study"), out)
+    routing = _first(directory / "routing.json")
+    if routing is not None:
+        return render_routing(load_result(routing, "nnobs.routing"), out)
     run = RunDir(directory)  # a run directory's results, or results side by side
     traj = _first(run.trajectory_file, directory / "trajectory.json")
     obs = _first(run.observe_dir / "observe.json", directory / "observe.json")
