@@ -135,14 +135,18 @@ def test_run_page_with_trajectory_and_observe(python_run, trajectory, tmp_path):
     text, parsed = parse(tmp_path / "page" / "index.html")
     assert set(parsed.ids) == {
         "fig-trajectory_heatmap", "fig-trajectory_signal", "fig-trajectory_cka",
-        "fig-cka_layers", "fig-layer_profile",
+        "fig-cka_layers", "fig-null_distribution", "fig-layer_profile",
+        "fig-control_sensitivity", "fig-flagging_precision", "fig-label_rates",
     }  # fmt: skip
     assert "Over training" in text and "Observability protocol" in text
     for r in trajectory["checkpoints"]:
         assert f'<td class="num">{r["step"]}</td>' in text
     # An observe directory on its own.
     page = render_report(python_run / "observe", tmp_path / "observe-page")
-    assert set(parse(page)[1].ids) == {"fig-layer_profile"}
+    assert set(parse(page)[1].ids) == {
+        "fig-null_distribution", "fig-layer_profile", "fig-control_sensitivity",
+        "fig-flagging_precision", "fig-label_rates",
+    }  # fmt: skip
 
 
 def test_nothing_to_report_is_one_clear_error(tmp_path):
@@ -183,6 +187,15 @@ def test_verdict_sentences():
 )
 def test_the_page_renders_in_headless_chromium(study_dir, tmp_path):
     page = render_report(study_dir)
+    dom = render_in_chromium(page, tmp_path)
+    _, parsed = parse_text(dom)
+    assert "fig-study_comparison" in parsed.ids and len(parsed.srcs) == 6
+    assert "Keep the signal at the end of training" in dom
+
+
+def render_in_chromium(page: Path, tmp_path: Path) -> str:
+    """Screenshot ``page`` in headless Chromium, check that it drew text and figures, and
+    return the DOM after its scripts ran."""
     flags = [
         "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -197,13 +210,10 @@ def test_the_page_renders_in_headless_chromium(study_dir, tmp_path):
     assert pixels.shape[:2] == (2000, 1200)
     assert np.std(pixels[..., :3]) > 0.05  # text and plots, not a blank page
     assert (pixels[..., :3] < 0.5).mean() > 0.01  # dark pixels: text and lines drawn
-    dom = subprocess.run(
+    return subprocess.run(
         [CHROMIUM, *flags, "--dump-dom", page.as_uri()],
         check=True, capture_output=True, text=True, timeout=120,
     ).stdout  # fmt: skip
-    _, parsed = parse_text(dom)
-    assert "fig-study_comparison" in parsed.ids and len(parsed.srcs) == 6
-    assert "Keep the signal at the end of training" in dom
 
 
 def parse_text(text: str) -> tuple[str, _Images]:

@@ -23,6 +23,7 @@ from nnobs.core.files import check_output_dir
 from nnobs.core.results import load_result
 from nnobs.core.rundir import RunDir
 from nnobs.report import plots
+from nnobs.report.observe_page import render_observe_page
 from nnobs.report.page import Page, escape, interval, number, verdict_span
 from nnobs.report.routing_page import render_routing
 from nnobs.report.study_page import render_study
@@ -158,17 +159,9 @@ def _budget_note(page: Page, budget: dict | None) -> None:
 
 
 def render_observe(page: Page, result: dict) -> None:
-    """The section for one observe result: its layer profile and summary tables."""
-    from nnobs.report.summary import observe_summary
-
-    page.add("<h2>Observability protocol (one checkpoint)</h2>")
-    page.figure(
-        "layer_profile",
-        lambda p: plots.layer_profile(result, p),
-        "pcorr per layer (sweep), the multi-seed candidates, the test headline with its CI and "
-        "the detection floor. Data: observe.json.",
-    )
-    page.add(f"<pre>{escape(observe_summary(result))}</pre>")
+    """The section for one observe result: its verdict, then the evidence
+    (:mod:`nnobs.report.observe_page`)."""
+    render_observe_page(page, result)
 
 
 # ----------------------------------------------------------------------------- entry

@@ -31,10 +31,10 @@ table { border-collapse: collapse; margin: 1em 0; font-size: 0.92em; }
 th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: left; vertical-align: top; }
 th { background: #f3f3f3; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
-.verdict-retained { color: #11632b; font-weight: 600; }
-.verdict-erased { color: #a3141a; font-weight: 600; }
+.verdict-retained, .verdict-signal { color: #11632b; font-weight: 600; }
+.verdict-erased, .verdict-no_signal { color: #a3141a; font-weight: 600; }
 .verdict-never_formed, .verdict-fell_with_loss, .verdict-mixed,
-.verdict-inconclusive { color: #8a5a00; font-weight: 600; }
+.verdict-inconclusive, .verdict-no_null { color: #8a5a00; font-weight: 600; }
 figure { margin: 1.2em 0; }
 figure img { max-width: 100%; border: 1px solid #eee; }
 figcaption { font-size: 0.88em; color: #555; }
