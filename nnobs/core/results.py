@@ -31,7 +31,6 @@ SCHEMA_FILES = {
     "nnobs.routing": "routing.schema.json",
     "nnobs.features": "features.schema.json",
     "nnobs.drift": "drift.schema.json",
-    "nnobs.drift": "drift.schema.json",
 }
 
 
