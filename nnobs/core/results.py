@@ -45,7 +45,7 @@ def _known_kind(name: Any) -> str:
     if not isinstance(name, str) or name not in SCHEMA_FILES:
         raise NnobsError(
             f"not an nnobs result: unknown schema {_shown(name)} "
-            f"(nnobs writes {', '.join(SCHEMA_FILES)})"
+            f"(nnobs writes nnobs.{{{','.join(k.removeprefix('nnobs.') for k in SCHEMA_FILES)}}})"
         )
     return name
 
