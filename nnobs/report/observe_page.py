@@ -114,7 +114,7 @@ def _headline_table(page: Page, result: dict) -> None:
             "seed ensemble (test)",
             number(head["ensemble"]),
             interval(head["ensemble_ci95"]),
-            escape(head.get("interval", "test documents")),
+            escape(head.get("interval", _interval_sources(head))),
         ]
     ]
     if "ensemble_ci95_test_docs" in head:
@@ -131,7 +131,8 @@ def _headline_table(page: Page, result: dict) -> None:
             f"per-seed mean ± sd ({len(head['per_seed'])} seeds)",
             f"{number(head['mean'])} ± {number(head['std'], sign=False)}",
             "—",
-            "each seed a resample of the probe's training documents",
+            "each seed a resample of the probe's training documents (the reference "
+            "method's seeds change the probe's initialisation instead)",
         ]
     )
     for label, value in (head.get("by_label") or {}).items():
@@ -147,6 +148,13 @@ def _headline_table(page: Page, result: dict) -> None:
         ]
     )
     page.table(["layer " + str(result["layer"]), "pcorr", "95% interval", "note"], rows, {1, 2})
+
+
+def _interval_sources(head: dict) -> str:
+    """What the headline's interval resamples, for results that do not say."""
+    if "ensemble_ci95_test_docs" in head:
+        return "test documents and the probe's training documents"
+    return "test documents"
 
 
 def _null_section(page: Page, null: dict | None) -> None:
@@ -243,10 +251,10 @@ def _flagging_section(page: Page, result: dict) -> None:
             "flagged",
             "probe precision",
             "confidence precision",
-            "probe only",
-            "confidence only",
-            "both",
-        ],  # fmt: skip
+            "high-loss caught by probe only",
+            "by confidence only",
+            "by both",
+        ],
         [
             [
                 f"{f['rate']:.0%}",
@@ -270,7 +278,9 @@ def _label_section(page: Page, result: dict) -> None:
         "label_rates",
         lambda p: observe_plots.label_rates(result, p),
         "Share of probe-training tokens each label calls worse than predicted, per max-softmax "
-        "decile. Data: label.",
+        "decile. A label aligned with the controlled statistic stays near 0.5 in every decile; "
+        "one that calls most confident tokens worse than predicted is partly a confidence "
+        "label, which the controls then remove. Data: label.",
     )
     edges = label["max_softmax_edges"]
     page.table(

@@ -135,5 +135,4 @@ def label_rates(result: dict, path: str | Path) -> Path:
 
 def label_names(label: dict) -> list[str]:
     """The labels whose per-decile rates the result's ``label`` record holds."""
-    return [k for k, v in label.items() if k not in ("split", "site", "max_softmax_edges")
-            and isinstance(v, list)]  # fmt: skip
+    return [k for k, v in label.items() if k != "max_softmax_edges" and isinstance(v, list)]
