@@ -53,7 +53,7 @@ def assert_matched(cfg):
 
 
 def test_presets_parse_and_quick_is_matched():
-    assert set(study_preset_names()) == FULL_PRESETS | {"quick"}
+    assert set(study_preset_names()) == FULL_PRESETS | {"quick", "routing"}
     for name in study_preset_names():
         cfg = load_study_config(name)
         assert cfg.name == name and cfg.question and len(cfg.seeds) == 3
@@ -61,6 +61,8 @@ def test_presets_parse_and_quick_is_matched():
     quick = load_study_config("quick")
     assert [v.name for v in quick.variants] == ["pre-norm", "post-norm", "no-residual"]
     assert_matched(quick)
+    routing = assert_matched(load_study_config("routing"))
+    assert [c.routing_blocks for c in routing.values() if c.residual == "attnres"] == [2, 4]
 
 
 @pytest.mark.slow
