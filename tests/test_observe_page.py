@@ -180,14 +180,17 @@ def _tables_match(doc: dict, tables: Tables) -> None:
 
 def test_a_result_without_a_null_says_it_has_no_verdict(observed, tmp_path):
     doc = copy.deepcopy(observed)
-    doc["null"] = None
+    doc["null"] = None  # observed with null_models = 0
     doc["verdict"] = verdict_statement(doc["headline"], None)
+    doc["flagging"] = []  # and no flag rates
     validate(doc)
     text = rendered(doc, tmp_path / "no-null")
     assert answer(text).endswith("no null measured, so no verdict.")
     assert '<span class="verdict-no_null">no verdict</span>' in text
-    assert set(re.findall(r'<figure id="([^"]+)"', text)) == FIGURES - {"fig-null_distribution"}
-    assert "init seed" not in text
+    assert set(re.findall(r'<figure id="([^"]+)"', text)) == FIGURES - {
+        "fig-null_distribution", "fig-flagging_precision"
+    }  # fmt: skip
+    assert "init seed" not in text and "Flagging" not in text
 
 
 def test_a_version_1_result_renders_with_its_floor_sentence_marked_as_older(observed, tmp_path):

@@ -44,7 +44,8 @@ def render_observe_page(page: Page, result: dict) -> None:
     _null_section(page, null)
     _layer_table(page, result)
     _controls_section(page, result)
-    _flagging_section(page, result)
+    if result["flagging"]:
+        _flagging_section(page, result)
     if "label" in result:
         _label_section(page, result)
     _baselines_table(page, result["baselines"])
