@@ -190,3 +190,21 @@ def test_a_routed_model_trains_data_parallel(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     val_one, val_two = (read_metrics(d)[-1]["val_loss"] for d in (one, two))
     assert abs(val_one - val_two) < 1e-3, (val_one, val_two)
+
+
+def test_route_sites_in_the_one_pass_capture():
+    import numpy as np
+
+    from nnobs.data.windows import Windows
+    from nnobs.observe.capture import capture
+
+    adapter = nnobs_adapter(trained_like())
+    ids = IDS.numpy()
+    windows = Windows(ids[:, :-1], ids[:, 1:], np.ones((3, 9), bool), np.arange(3), np.zeros(3))
+    sites = ["blocks.3.route_mlp", "blocks.0.route_attn"]
+    captured = capture(adapter, windows, sites, dtype=np.float32, progress=False)
+    _, cache = adapter.run_with_cache(torch.as_tensor(ids[:, :-1]), sites)
+    assert captured.acts["blocks.0.route_attn"].shape == (27, 1)
+    assert np.allclose(
+        captured.acts["blocks.3.route_mlp"], cache["blocks.3.route_mlp"].flatten(0, 1)
+    )
