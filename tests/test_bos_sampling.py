@@ -267,3 +267,14 @@ def test_gpt2_style_tokenizer_windows_are_bit_identical(tmp_path):
     expected = make_windows(document_spans(ids, even_cap(ids, 128), 0), 24, 128, seed=0)
     for field in ("input_ids", "targets", "valid", "doc_ids", "starts"):
         np.testing.assert_array_equal(getattr(windows, field), getattr(expected, field))
+
+
+def test_observe_refuses_a_budget_the_openings_cannot_fill(tmp_path, expect_refusal):
+    _save_model(tmp_path / "model", "llama", llama_tokenizer())
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i, text in enumerate(TEXTS * 3):
+        (corpus / f"doc{i}.py").write_text(text * 4)
+    argv = ["observe", "--model", tmp_path / "model", "--corpus", corpus, "--domain2", "none"]
+    argv += ["--sampling", "reference", "--ex-per-dim", "200", "--out", tmp_path / "out"]
+    expect_refusal(argv, "corpus too small", watch=[tmp_path])
