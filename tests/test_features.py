@@ -243,3 +243,52 @@ def test_probe_decomposition_finds_the_planted_feature(tiny):
     assert found["by_attribution"][0]["attribution"] == pytest.approx(2.0, abs=1e-5)
     with pytest.raises(NnobsError, match="come after the probe"):
         probe_contributors(adapter, source, means, "blocks.0.resid_pre", probe)
+
+
+@pytest.fixture(scope="module")
+def observed(python_run, python_corpus, tmp_path_factory):
+    """An observe result of ``python_run`` (small settings), written as observe.json."""
+    from nnobs.core.results import write_result
+    from nnobs.data.corpus import load_corpus
+    from nnobs.observe.protocol import observe
+    from nnobs.observe.settings import ObserveSettings
+
+    settings = ObserveSettings(
+        ex_per_dim=10, seeds=[43, 44], n_boot=50, random_heads=10, null_models=1
+    )
+    doc = observe(load_model(python_run), load_corpus(str(python_corpus)), settings=settings,
+                  progress=False)  # fmt: skip
+    return write_result(tmp_path_factory.mktemp("observe") / "observe.json", doc)
+
+
+@pytest.mark.slow
+def test_decompose_names_the_features_of_the_probe(python_run, observed, tmp_path):
+    from nnobs.cli import main
+
+    probe = load_result(observed, "nnobs.observe")["probe"]
+    out = tmp_path / "f"
+    site = f"blocks.{probe['layer']}.mlp_hidden"
+    argv = ["features", "--model", python_run, "--site", site, "--decompose", observed,
+            "--tokens", "1000", "--n-ablate", "0", "--out", out]  # fmt: skip
+    assert main([str(a) for a in argv]) == 0
+    decision = load_result(out / "features.json", "nnobs.features")["decision"]
+    assert len(decision["by_cosine"]) == 10 and decision["probe_site"] == probe["site"]
+    cosines = [abs(c["cosine"]) for c in decision["by_cosine"]]
+    assert cosines == sorted(cosines, reverse=True) and cosines[0] > 0
+    assert 'href="#feature-' in (out / "index.html").read_text()
+
+
+@pytest.mark.slow  # the observe result takes most of a minute
+def test_probe_refusals(python_run, observed, tmp_path, expect_refusal):
+    probe = load_result(observed, "nnobs.observe")["probe"]
+    later = "final"  # after every block
+    out = tmp_path / "out"
+    base = ["features", "--model", python_run, "--out", out]
+    other_site = "blocks.0.resid_pre"
+    rows = [
+        (["--site", later, "--decompose", observed], "come after the probe's site"),
+        (["--site", other_site, "--probe", observed], f"the probe reads {probe['site']}"),
+        (["--site", other_site, "--decompose", tmp_path / "none.json"], "none.json"),
+    ]
+    for extra, message in rows:
+        expect_refusal([*base, *extra], message, watch=[out])

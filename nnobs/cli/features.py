@@ -18,7 +18,6 @@ from nnobs.cli.common import load_adapter, output_dir, subcommand
 from nnobs.core.errors import NnobsError
 
 if TYPE_CHECKING:
-    from nnobs.features.sources import FeatureSource
     from nnobs.models.adapter import ModelAdapter
 
 log = logging.getLogger("nnobs.features")
@@ -126,21 +125,22 @@ def _source(adapter: ModelAdapter, args: argparse.Namespace, out: Path):
     return sources.neuron_source(adapter, args.site), None
 
 
-def _decision(adapter: ModelAdapter, source: FeatureSource, body: dict, path: str) -> dict:
+def _probe(path: str, site: str) -> tuple[str, object]:
+    """The probe (site, direction) of an observe result, refused unless features at ``site``
+    can make it up."""
     from nnobs.core.results import load_result
-    from nnobs.features.decision import probe_contributors
-    from nnobs.interventions.direction import probe_from_observe
+    from nnobs.features.decision import check_reaches
+    from nnobs.features.sources import probe_direction
 
-    observed = load_result(path, "nnobs.observe")
-    layer, direction = probe_from_observe(observed)
-    site = observed["probe"].get("site") or f"blocks.{layer}.resid_post"
-    means = [f["mean"] for f in body["features"]]
-    return {**probe_contributors(adapter, source, means, site, direction), "observe": str(path)}
+    probe_site, _, direction = probe_direction(load_result(path, "nnobs.observe"))
+    check_reaches(site, probe_site)
+    return probe_site, direction
 
 
 def run(args: argparse.Namespace) -> int:
     from nnobs.core.results import write_result
     from nnobs.features.dashboard import DashboardSettings, feature_dashboards
+    from nnobs.features.decision import probe_contributors
     from nnobs.interventions.ablation import windows_info
     from nnobs.models.adapter import provenance
     from nnobs.report.features_page import render_features
@@ -148,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
     out = output_dir(args.out)
     adapter = load_adapter(args)
     adapter.resolve(args.site)
+    probe = _probe(args.decompose, args.site) if args.decompose else None
     settings = DashboardSettings(
         top_k=args.top_k,
         n_ablate=args.n_ablate,
@@ -159,7 +160,11 @@ def run(args: argparse.Namespace) -> int:
     ablate_windows = _windows(adapter, args, "test", args.ablate_tokens) if args.n_ablate else None
     source, sae_metrics = _source(adapter, args, out)
     body = feature_dashboards(adapter, source, windows, settings, ablate_windows, progress=True)
-    decision = _decision(adapter, source, body, args.decompose) if args.decompose else None
+    decision = None
+    if probe is not None:
+        means = [f["mean"] for f in body["features"]]
+        found = probe_contributors(adapter, source, means, *probe)
+        decision = {**found, "observe": str(args.decompose)}
     corpus = {"spec": args.corpus, "split": args.split, **windows_info(windows)}
     doc = {
         "schema": "nnobs.features",

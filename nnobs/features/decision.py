@@ -34,6 +34,15 @@ def _order(site: str) -> tuple[int, int]:
     return (-1, 0) if site == "embed" else (10**9, 0)
 
 
+def check_reaches(site: str, probe_site: str) -> None:
+    """Refuse features that come after the probe's site: they cannot make up its input."""
+    if _order(site) > _order(probe_site):
+        raise NnobsError(
+            f"features at {site} come after the probe's site {probe_site}: "
+            "decompose the probe with features at or before its layer"
+        )
+
+
 def probe_contributors(
     adapter: ModelAdapter,
     source: FeatureSource,
@@ -45,11 +54,7 @@ def probe_contributors(
     """The ``n`` features whose stream directions are closest to the probe direction (by
     absolute cosine) and the ``n`` that contribute most to its score (by absolute mean
     contribution); refused when the source's features cannot reach the probe's site."""
-    if _order(source.site) > _order(probe_site):
-        raise NnobsError(
-            f"features at {source.site} come after the probe's site {probe_site}: "
-            "decompose the probe with features at or before its layer"
-        )
+    check_reaches(source.site, probe_site)
     dirs = stream_directions(adapter, source)
     if dirs is None:
         raise NnobsError(f"what features at {source.site} write into the stream is not known")

@@ -134,11 +134,15 @@ def neuron_source(adapter: ModelAdapter, site: str) -> NeuronSource:
     return NeuronSource(site, site_width(adapter, site))
 
 
+def probe_direction(observe_doc: dict) -> tuple[str, int, np.ndarray]:
+    """(site, layer, unit direction) of the probe stored in an ``nnobs observe`` result."""
+    layer, direction = probe_from_observe(observe_doc)
+    return observe_doc["probe"].get("site") or f"blocks.{layer}.resid_post", layer, direction
+
+
 def probe_source(observe_doc: dict) -> DirectionSource:
     """The probe direction stored in an ``nnobs observe`` result, at the probe's site."""
-    layer, direction = probe_from_observe(observe_doc)
-    probe = observe_doc["probe"]
-    site = probe.get("site") or f"blocks.{layer}.resid_post"
+    site, layer, direction = probe_direction(observe_doc)
     return DirectionSource(site, direction[None], ["probe"], {"layer": layer})
 
 
