@@ -44,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     parser.add_argument("--out", required=True, metavar="DIR", help="directory for the results")
     parser.add_argument(
-        "--wrap-blocks", type=int, help="wrap vanilla models with this many routing blocks"
+        "--wrap-blocks", type=int, metavar="N", help="wrap vanilla models in N routing blocks"
     )
     parser.add_argument("--recency", type=float, default=2.0, help="wrap's recency bias logit")
     parser.add_argument("--corpus", default="stdlib", help="corpus for windows (default: stdlib)")
