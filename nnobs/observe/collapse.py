@@ -68,19 +68,17 @@ def series_verdict(
     m = len(steps)
     z = (value - null_mean) / np.sqrt(np.maximum(sd**2 + null_sd**2, 1e-300))
     formed_at, kept_at = norm.isf(level / m), norm.isf(level)
-    out: dict[str, Any] = {
-        "verdict": "never_formed",
-        "reason": "",
-        "formed_step": None,
-        "peak_step": None,
-        "peak_pcorr": None,
-        "collapse_step": None,
-        "final_pcorr": float(value[-1]),
-        "final_z": float(z[-1]),
-        "loss_at_peak": None,
-        "loss_at_collapse": None,
-        "floor": float(null_mean + kept_at * null_sd),
-    }
+    out: dict[str, Any] = dict.fromkeys(
+        ("formed_step", "peak_step", "peak_pcorr", "collapse_step", "loss_at_peak")
+    )
+    out.update(
+        verdict="never_formed",
+        reason="",
+        final_pcorr=float(value[-1]),
+        final_z=float(z[-1]),
+        loss_at_collapse=None,
+        floor=float(null_mean + kept_at * null_sd),
+    )
     above = np.flatnonzero(z > formed_at)
     if len(above) == 0:
         best = int(np.argmax(z))
