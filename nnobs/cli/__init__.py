@@ -28,6 +28,7 @@ COMMAND_MODULES = [
     "nnobs.cli.finetune",
     "nnobs.cli.drift",
     "nnobs.cli.grow",
+    "nnobs.cli.seeding",
     "nnobs.cli.routing",
     "nnobs.cli.report",
 ]

@@ -28,6 +28,7 @@ SCHEMA_FILES = {
     "nnobs.trajectory": "trajectory.schema.json",
     "nnobs.study": "study.schema.json",
     "nnobs.interventions": "interventions.schema.json",
+    "nnobs.seeding": "seeding.schema.json",
     "nnobs.routing": "routing.schema.json",
     "nnobs.features": "features.schema.json",
     "nnobs.drift": "drift.schema.json",

@@ -1,0 +1,64 @@
+"""Growing a model: time and exactness on the default preset's architecture.
+
+The default run preset's model (4 layers × 128 wide, 4 heads, 4096-token vocabulary) is
+grown into the published study's kind of large model (here 6 layers, 8 heads at the same
+head dimension, MLP 768), once per growth kind, from weights moved off their initial values.
+For each it prints the median time of ``grow_model`` over repeats and the largest absolute
+logit difference between the small and the grown model on random token windows (float32, CPU).
+
+    .venv/bin/python benchmarks/bench_seeding.py [--repeats 5] [--windows 16]
+
+The seeding experiment's wall time is measured by running it (see benchmarks/README.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from nnobs.models.transformer import Transformer
+from nnobs.seeding.grow import GrowthPlan, grow_model, max_logit_difference
+from nnobs.training.runconfig import load_run_config
+
+GROWTHS = {
+    "more layers (4 -> 6)": dict(n_layers=6),
+    "more heads (4 -> 8, d_head 32)": dict(n_heads=8, d_head=32),
+    "wider MLPs (512 -> 768)": dict(d_mlp=768),
+    "all three": dict(n_layers=6, n_heads=8, d_head=32, d_mlp=768),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--windows", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    small_cfg, train_cfg = load_run_config("default")
+    small = Transformer(small_cfg, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # trained-like weights: every parameter away from its init value
+        for p in small.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    tokens = torch.randint(
+        0, small_cfg.vocab_size, (args.windows, train_cfg.seq_len),
+        generator=torch.Generator().manual_seed(2),
+    )  # fmt: skip
+    print(f"small: {small_cfg.n_layers} layers x {small_cfg.d_model}, {small_cfg.n_heads} heads")
+    print(f"{'growth':34s} {'grow (s)':>9s} {'max |logit diff|':>17s}")
+    for name, knobs in GROWTHS.items():
+        plan = GrowthPlan.of(small_cfg, small_cfg.replace(**knobs))
+        times = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            grown = grow_model(small, plan, seed=0)
+            times.append(time.perf_counter() - t0)
+        diff = max_logit_difference(small, grown, tokens)
+        print(f"{name:34s} {statistics.median(times):9.3f} {diff:17.2e}")
+
+
+if __name__ == "__main__":
+    main()
