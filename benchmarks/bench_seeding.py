@@ -3,7 +3,7 @@
 The default run preset's model (4 layers × 128 wide, 4 heads, 4096-token vocabulary) is
 grown into the published study's kind of large model (here 6 layers, 8 heads at the same
 head dimension, MLP 768), once per growth kind, from weights moved off their initial values.
-For each it prints the median time of ``grow_model`` over repeats and the largest absolute
+For each it prints (as JSON) the median time of ``grow_model`` over repeats and the largest absolute
 logit difference between the small and the grown model on random token windows (float32, CPU).
 
     .venv/bin/python benchmarks/bench_seeding.py [--repeats 5] [--windows 16]
@@ -14,6 +14,7 @@ The seeding experiment's wall time is measured by running it (see benchmarks/REA
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 
@@ -47,8 +48,7 @@ def main() -> None:
         0, small_cfg.vocab_size, (args.windows, train_cfg.seq_len),
         generator=torch.Generator().manual_seed(2),
     )  # fmt: skip
-    print(f"small: {small_cfg.n_layers} layers x {small_cfg.d_model}, {small_cfg.n_heads} heads")
-    print(f"{'growth':34s} {'grow (s)':>9s} {'max |logit diff|':>17s}")
+    rows = []
     for name, knobs in GROWTHS.items():
         plan = GrowthPlan.of(small_cfg, small_cfg.replace(**knobs))
         times = []
@@ -56,8 +56,13 @@ def main() -> None:
             t0 = time.perf_counter()
             grown = grow_model(small, plan, seed=0)
             times.append(time.perf_counter() - t0)
-        diff = max_logit_difference(small, grown, tokens)
-        print(f"{name:34s} {statistics.median(times):9.3f} {diff:17.2e}")
+        rows.append({
+            "growth": name,
+            "grow_s": round(statistics.median(times), 4),
+            "max_logit_difference": max_logit_difference(small, grown, tokens),
+        })  # fmt: skip
+    small_shape = f"{small_cfg.n_layers} layers x {small_cfg.d_model}, {small_cfg.n_heads} heads"
+    print(json.dumps({"small": small_shape, "tokens": tokens.numel(), "growths": rows}, indent=1))
 
 
 if __name__ == "__main__":
