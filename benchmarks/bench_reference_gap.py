@@ -75,11 +75,18 @@ REFERENCE = Method("reference", "adam", 512, "reference")
 
 def configurations() -> list[tuple[str, Method]]:
     """nnobs's method, each factor switched alone toward the reference, the reference's method,
-    and each factor switched alone back toward nnobs's."""
+    each factor switched alone back toward nnobs's, and nnobs's method with the reference's
+    label (the comparison published numbers allow) with each other factor switched alone."""
     rows = [("nnobs", NNOBS)]
     rows += [(f"nnobs, {f} as reference", NNOBS.switched(f, REFERENCE)) for f in FACTORS]
     rows += [("reference", REFERENCE)]
     rows += [(f"reference, {f} as nnobs", REFERENCE.switched(f, NNOBS)) for f in FACTORS]
+    labelled = NNOBS.switched("label", REFERENCE)
+    rows += [
+        (f"nnobs with reference label, {f} as reference", labelled.switched(f, REFERENCE))
+        for f in FACTORS
+        if f != "label"
+    ]
     return rows
 
 
