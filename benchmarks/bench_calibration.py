@@ -129,7 +129,7 @@ def main() -> None:
     parser.add_argument("--planted", type=int, default=50, help="trials per strength (50)")
     parser.add_argument("--strengths", type=float, nargs="+", default=[0.05, 0.1, 0.2])
     parser.add_argument("--labels", nargs="+", default=["rank", "reference"])
-    parser.add_argument("--null-models", type=int, default=3)
+    parser.add_argument("--null-models", type=int, default=ObserveSettings().null_models)
     parser.add_argument("--docs", type=int, default=40, help="documents per split (40)")
     parser.add_argument("--doc-len", type=int, default=128, help="tokens per document (128)")
     parser.add_argument("--d", type=int, default=32, help="activation width (32)")

@@ -69,9 +69,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--null-models",
         type=int,
-        default=3,
-        help="random-init models of the same architecture that make the verdict's null (3; "
-        "0 skips the null and the verdict)",
+        default=1,
+        help="random-init models of the same architecture (one init seed each) that make the "
+        "verdict's null (1; 3 or more also measure how much init seeds differ; 0 skips the "
+        "null and the verdict)",
     )
     parser.add_argument(
         "--label",

@@ -7,7 +7,10 @@ headline is above what random-init models of its architecture give", measured wh
 headline is measured: the reported layer's site, the same probe-training and test tokens, the
 same seeds, label and ensemble. Each of ``null_models`` init seeds gives one value with its
 own sampling standard deviation (test documents and probe training, as for the headline);
-:func:`nnobs.measure.nulltest.compare_to_null` turns them into the floor and a p-value.
+:func:`nnobs.measure.nulltest.compare_to_null` turns them into the floor and a p-value. One
+model (the default: its capture costs what the protocol's old detection floor did) cannot
+show how much init seeds differ beyond sampling noise; the test then assumes they do not,
+and two or more models measure it.
 """
 
 from __future__ import annotations

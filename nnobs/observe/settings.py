@@ -33,7 +33,7 @@ class ObserveSettings:
     flag_rates: list[float] = field(default_factory=lambda: [0.05, 0.10, 0.20, 0.30])
     n_boot: int = 1000
     random_heads: int = 100
-    null_models: int = 3
+    null_models: int = 1
     level: float = 0.05
     store_dtype: str = "float16"
     window_seed: int = 0
