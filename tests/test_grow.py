@@ -130,6 +130,7 @@ def test_a_config_that_cannot_hold_the_model_exactly_is_refused(case):
         (dict(norm_placement="post"), dict(norm_placement="post", n_layers=3), None, "pre-norm"),
         (dict(residual="none"), dict(residual="none", n_layers=3), None, "pre-norm"),
         (dict(n_heads=2, n_kv_heads=1), dict(n_heads=4, d_head=8), None, "group size"),
+        (dict(residual="attnres"), dict(residual="attnres"), None, "not 'attnres'"),
     ],
 )
 def test_layer_maps_and_architectures_grow_cannot_keep_exact(

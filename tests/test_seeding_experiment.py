@@ -131,7 +131,8 @@ def test_the_experiment_runs_end_to_end_and_resumes(python_corpus, tmp_path, cap
             "--set", f"small.train.corpus={python_corpus}",
             "--set", f"large.train.corpus={python_corpus}",
             "--set", "small.train.max_chars=60000",
-            "--set", "large.train.max_chars=60000"]  # fmt: skip
+            "--set", "large.train.max_chars=60000",
+            "--set", "seeding.probe_tokens=1500"]  # fmt: skip
     assert main(argv) == 0
     doc = load_result(out / "seeding.json", "nnobs.seeding")
     assert len(doc["grown"]) == 10

@@ -78,6 +78,26 @@ def _answer(doc: dict) -> str:
     )
 
 
+def _final_table(page: Page, doc: dict) -> None:
+    """Each condition at its last checkpoint: main-task loss and probe score per layer, the
+    mean over seeds."""
+    rows = []
+    for condition, values in doc["conditions"].items():
+        losses = [run[-1] for run in values["val_loss"] if run[-1] is not None]
+        scores = np.array([run[-1] for run in values["scores"]], float).mean(0)
+        rows.append([
+            escape(condition.replace("_", " ")), str(values["steps"][-1]),
+            number(float(np.mean(losses)) if losses else None, sign=False),
+            ", ".join(number(float(v)) for v in scores),
+        ])  # fmt: skip
+    page.add("<h2>At the end of training</h2>")
+    page.table(
+        ["condition", "step", "validation loss (nats)", f"probe {doc['metric']} by layer"],
+        rows,
+        numeric={1, 2},
+    )
+
+
 def render_seeding(doc: dict, out_dir: str | Path) -> Path:
     """Write the seeding page (``index.html`` and its figures) into ``out_dir``."""
     out = Path(out_dir)
@@ -117,6 +137,7 @@ def render_seeding(doc: dict, out_dir: str | Path) -> Path:
         lambda p: score_figure(doc, p),
         "Probe score of each large condition over training, mean over seeds.",
     )
+    _final_table(page, doc)
     grown = doc.get("grown", [])
     if grown:
         worst = max(g["max_logit_difference"] for g in grown)

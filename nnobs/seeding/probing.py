@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from nnobs.core.errors import NnobsError
 from nnobs.core.rundir import list_checkpoints, read_meta
 from nnobs.data.corpus import Document
 from nnobs.models.load import load_model
@@ -43,6 +44,13 @@ def layer_scores(
     """One probe score per site of ``fit.acts`` (in their order)."""
     y_fit = fit.labels[attribute].astype(np.float64)
     y_score = score.labels[attribute].astype(np.float64)
+    for part, y in (("fit", y_fit), ("scored", y_score)):
+        if np.ptp(y) == 0:
+            raise NnobsError(
+                f"every {part} probe token has the same {attribute} ({int(y[0])}): no score is "
+                f"defined; raise seeding.probe_tokens (now {len(y)} tokens) or use a corpus "
+                "with more test files"
+            )
     out = []
     for site in fit.acts:
         X_fit = fit.acts[site].astype(np.float64)
