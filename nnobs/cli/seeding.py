@@ -24,7 +24,8 @@ documents: ridge R² for bracket_depth and indent_level, accuracy for token_type
 in_string. The analysis is fixed in advance: per-checkpoint gaps (seeded − random, paired by
 seed) with seed-bootstrap intervals; one decay model (exponential, its asymptote decides);
 power law and late mean as sensitivity only; verdict per layer persists / decays / absent;
-the control 'seeded without the auxiliary task' analysed the same way.
+the control 'seeded without the auxiliary task' analysed the same way. It is its own
+command, not an `nnobs study` preset: its conditions are grown runs, not architecture variants.
 
 Writes OUT/seeding.json (schema nnobs.seeding) and OUT/report/index.html; the runs, grown
 runs and probe scores stay under OUT, so re-running the same command resumes. Presets: the
