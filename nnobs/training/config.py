@@ -17,10 +17,23 @@ from nnobs.core.fields import (
     is_number,
 )
 
-TOKENIZER_KINDS = ("bpe", "byte")
+TOKENIZER_KINDS = ("bpe", "bpe_tasks", "byte")
+LR_SCHEDULES = ("cosine", "linear")
 MAX_SEED = 2**63 - 1  # torch's generators take seeds below 2**64; numpy's take any
 # A checkpoint holds the weights and the optimizer state: more than this many is a mistake.
 MAX_CHECKPOINTS = 10_000
+# Settings added later, with their defaults: left out of ``to_dict`` while at the default, so
+# the stored train config of a run that predates them still matches (and resumes).
+LATER_SETTINGS: dict[str, Any] = {
+    "weight_keep": 1.0,
+    "sparse_biases": False,
+    "min_nonzero": 0,
+    "keep_anneal": (0.01, 0.5),
+    "adam_eps": 1e-8,
+    "grad_rms_clip": 0.0,
+    "lr_schedule": "cosine",
+    "lr_keep_scaling": False,
+}
 
 
 @dataclass
@@ -36,6 +49,17 @@ class TrainConfig:
     ``seed``) fixes the data order on its own, so several initialisation seeds can share it.
     Checkpoints are saved at 0, ``first_checkpoint`` and its doublings below
     ``checkpoint_every``, then every ``checkpoint_every`` steps, and at the last step.
+
+    Weight sparsity (:mod:`nnobs.training.sparsity`): ``weight_keep`` below 1 keeps only that
+    fraction of the entries of every weight matrix (embeddings and unembedding included, and
+    each Linear bias with ``sparse_biases``) after every optimiser step, the largest by
+    magnitude, with every row and column holding at least ``min_nonzero`` of them; the kept
+    fraction falls linearly from 1 to ``weight_keep`` between the fractions ``keep_anneal`` of
+    training. ``lr_keep_scaling`` multiplies the learning rate by 1/sqrt(kept fraction);
+    ``lr_schedule="linear"`` decays linearly instead of by a cosine; ``grad_rms_clip`` caps
+    the global root-mean-square of the gradients (0 turns it off); ``adam_eps`` is AdamW's
+    epsilon. Tokenizer ``bpe_tasks`` is BPE in which every answer of the Python tasks
+    (:mod:`nnobs.data.python_tasks`) is one token.
     """
 
     corpus: str = "stdlib"
@@ -59,10 +83,21 @@ class TrainConfig:
     checkpoint_every: int = 1024
     device: str = "auto"
     bf16: bool = True  # bf16 autocast on CUDA; CPU always trains in float32
+    weight_keep: float = 1.0
+    sparse_biases: bool = False
+    min_nonzero: int = 0
+    keep_anneal: tuple[float, float] = (0.01, 0.5)
+    adam_eps: float = 1e-8
+    grad_rms_clip: float = 0.0
+    lr_schedule: str = "cosine"
+    lr_keep_scaling: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.betas, list):
             self.betas = tuple(self.betas)
+        if isinstance(self.keep_anneal, list):
+            self.keep_anneal = tuple(self.keep_anneal)
+        self._check_sparsity()
         for name in ("warmup_steps", "seed"):
             check_int(f"train.{name}", getattr(self, name), 0, MAX_SEED if name == "seed" else None)
         for name in (
@@ -105,9 +140,39 @@ class TrainConfig:
                 "and the optimizer state): raise checkpoint_every"
             )
 
+    def _check_sparsity(self) -> None:
+        """The weight-sparsity and optimiser settings added later (see the class doc)."""
+        check_number("train.weight_keep", self.weight_keep, 0, 1, open_low=True)
+        check_int("train.min_nonzero", self.min_nonzero, 0)
+        check_number("train.adam_eps", self.adam_eps, 0, open_low=True)
+        check_number("train.grad_rms_clip", self.grad_rms_clip, 0)
+        check_choice("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        for name in ("sparse_biases", "lr_keep_scaling"):
+            check_bool(f"train.{name}", getattr(self, name))
+        anneal = self.keep_anneal
+        if not (
+            isinstance(anneal, tuple)
+            and len(anneal) == 2
+            and all(is_number(a) for a in anneal)
+            and 0 <= anneal[0] <= anneal[1] <= 1
+        ):
+            raise NnobsError(
+                "train.keep_anneal must be two fractions of training [start, end] with "
+                f"0 <= start <= end <= 1, got {anneal!r}"
+            )
+
+    @property
+    def sparse(self) -> bool:
+        """Whether the weights are made sparse after every step."""
+        return self.weight_keep < 1 or self.min_nonzero > 0
+
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["betas"] = list(self.betas)
+        data["keep_anneal"] = list(self.keep_anneal)
+        for name, default in LATER_SETTINGS.items():
+            if getattr(self, name) == default:
+                del data[name]
         return data
 
     @classmethod

@@ -55,6 +55,7 @@ from nnobs.training.config import TrainConfig
 from nnobs.training.distributed import Distributed, init_distributed, pick_device
 from nnobs.training.resume import RunResult, RunStart, restore, start_or_resume, truncate_metrics
 from nnobs.training.schedule import batch_starts, checkpoint_steps, lr_at
+from nnobs.training.sparsity import WeightSparsity
 from nnobs.training.tokens import TrainingData, training_data
 
 log = logging.getLogger("nnobs.training")
@@ -129,10 +130,11 @@ def train(
     checkpoint is saved, with the model in training mode and ``meta`` the checkpoint's
     metadata plus ``total_steps`` (live observability, :mod:`nnobs.observe.live`, hooks in here).
     Each of ``hooks`` has its ``on_step(model, optimizer, step)`` called after every optimiser
-    step (:class:`StepHook`). ``extra`` replaces the model's loss by an objective with its own
-    trained and checkpointed parameters (:class:`ExtraObjective`). The main process holds
-    ``out``'s lock (:func:`~nnobs.core.lock.lock_directory`) throughout: a second trainer
-    there is refused.
+    step (:class:`StepHook`), after the weight sparsity the train config asks for (if any,
+    :class:`~nnobs.training.sparsity.WeightSparsity`). ``extra`` replaces the model's loss
+    by an objective with its own trained and checkpointed parameters
+    (:class:`ExtraObjective`). The main process holds ``out``'s lock
+    (:func:`~nnobs.core.lock.lock_directory`) throughout: a second trainer there is refused.
     """
     mc, tc, out = model_config, train_config, Path(out_dir)
     if tc.seq_len > mc.max_seq_len:
@@ -153,6 +155,8 @@ def train(
             if isinstance(start, RunResult):
                 return start
             state = _build(mc, tc, out, device, dd, start, extra)
+            sparsity = WeightSparsity.from_config(tc)
+            hooks = [sparsity, *hooks] if sparsity is not None else hooks
             return _Loop(state, tc, out, dd, on_checkpoint, hooks).run(progress)
     finally:
         dd.close()
@@ -251,7 +255,9 @@ def build_optimizer(
         {"params": no_decay, "weight_decay": 0.0},
     ]
     fused = device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused or None)
+    return torch.optim.AdamW(
+        groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps, fused=fused or None
+    )
 
 
 class _Objective(nn.Module):
@@ -299,6 +305,8 @@ class _Loop:
         self.offsets = torch.arange(tc.seq_len + 1, device=state.device)
         extra_params = list(state.extra.parameters()) if state.extra is not None else []
         self.params = [*state.model.parameters(), *extra_params]
+        # A cap on the gradients' root-mean-square is a cap on their norm of rms * sqrt(n).
+        self.rms_to_norm = math.sqrt(sum(p.numel() for p in self.params))
         self.t0 = 0.0  # when this process started training
 
     def run(self, progress: bool) -> RunResult:
@@ -367,6 +375,8 @@ class _Loop:
         loss.backward()
         if tc.grad_clip > 0:
             nn.utils.clip_grad_norm_(self.params, tc.grad_clip)
+        if tc.grad_rms_clip > 0:
+            nn.utils.clip_grad_norm_(self.params, tc.grad_rms_clip * self.rms_to_norm)
         s.optimizer.step()
         s.optimizer.zero_grad(set_to_none=True)
         return lr, {"loss": loss, **parts}
