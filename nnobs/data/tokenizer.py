@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from nnobs.core.errors import NnobsError
 from nnobs.core.files import write_text
 from nnobs.data.corpus import Corpus, Document, default_cache_dir, docs_fingerprint
+from nnobs.data.python_tasks import ANSWER_PIECES
 
 EOS = "<|endoftext|>"
 # Bump when the BPE recipe below changes, so cached tokenizers trained the old way are not
@@ -259,8 +261,72 @@ def _train(texts: list[str], vocab_size: int) -> tokenizers.Tokenizer:
     return tok
 
 
+def _missing_merges(tok: tokenizers.Tokenizer, pieces: Sequence[str]) -> list[tuple[str, str]]:
+    """The merges that make each of ``pieces`` one token, appended after ``tok``'s own: for
+    a piece it splits into t1 t2 t3, the merges (t1, t2) and (t1t2, t3)."""
+    vocab = tok.get_vocab()
+    merges: list[tuple[str, str]] = []
+    made: set[str] = set()
+    for piece in pieces:
+        if len(tok.pre_tokenizer.pre_tokenize_str(piece)) != 1:
+            raise NnobsError(
+                f"{piece!r} cannot be one token: the byte-level pre-tokenizer splits it"
+            )
+        parts = tok.encode(piece, add_special_tokens=False).tokens
+        joined = parts[0]
+        for part in parts[1:]:
+            if joined + part not in vocab and joined + part not in made:
+                merges.append((joined, part))
+                made.add(joined + part)
+            joined += part
+    return merges
+
+
+def _with_merges(tok: tokenizers.Tokenizer, merges: list[tuple[str, str]]) -> tokenizers.Tokenizer:
+    """``tok`` with ``merges`` appended, each result a new token at the end of the vocabulary
+    (ranked after every learnt merge, so text without these pairs encodes as before)."""
+    data = json.loads(tok.to_str())
+    model = data["model"]
+    as_strings = bool(model["merges"]) and isinstance(model["merges"][0], str)
+    next_id = tok.get_vocab_size(with_added_tokens=True)
+    for left, right in merges:
+        model["vocab"][left + right] = next_id
+        next_id += 1
+        model["merges"].append(f"{left} {right}" if as_strings else [left, right])
+    return tokenizers.Tokenizer.from_str(json.dumps(data))
+
+
+def _train_reserving(
+    texts: list[str], vocab_size: int, reserved: Sequence[str]
+) -> tokenizers.Tokenizer:
+    """BPE of at most ``vocab_size`` tokens in which every string of ``reserved`` is one
+    token: trained on fewer tokens by as many as the reserved strings still need."""
+    tok = _train(texts, vocab_size)
+    extra = len(_missing_merges(tok, reserved))
+    while extra:
+        if vocab_size - extra < 257:
+            raise NnobsError(
+                f"BPE vocab_size {vocab_size} is too small to keep {len(reserved)} reserved "
+                f"pieces as single tokens: they need {extra} more tokens than 257"
+            )
+        tok = _train(texts, vocab_size - extra)
+        merges = _missing_merges(tok, reserved)
+        if len(merges) <= extra:
+            tok = _with_merges(tok, merges)
+            break
+        extra = len(merges)
+    split = [p for p in reserved if len(tok.encode(p, add_special_tokens=False).ids) != 1]
+    if split:  # reserved pieces whose merges compete: a recipe error, never a user's
+        raise NnobsError(f"reserved pieces {split!r} are not single tokens after training")
+    return tok
+
+
 def train_bpe(
-    docs: list[Document], vocab_size: int = 4096, *, cache_dir: Path | None = None
+    docs: list[Document],
+    vocab_size: int = 4096,
+    *,
+    cache_dir: Path | None = None,
+    reserved: Sequence[str] = (),
 ) -> Tokenizer:
     """Byte-level BPE with ``<|endoftext|>`` as eos, trained on ``docs``.
 
@@ -268,6 +334,9 @@ def train_bpe(
     size and the recipe, so a second call with the same inputs loads instead of training.
     Only the first ``BPE_TRAIN_CHARS`` characters are trained on. On a small corpus the
     vocabulary can end up smaller than ``vocab_size``; ``vocab_size`` on the result is exact.
+    Each string of ``reserved`` (each must be one pre-token: no word joined to punctuation)
+    is made one token by merges ranked after the learnt ones, the learnt vocabulary
+    shrinking to make room.
     """
     if vocab_size < 257:
         raise NnobsError(
@@ -283,6 +352,8 @@ def train_bpe(
     if not total:
         raise NnobsError("cannot train a BPE tokenizer on no text: the training split is empty")
     key_parts = [BPE_RECIPE, tokenizers.__version__, str(vocab_size), str(BPE_TRAIN_CHARS)]
+    if reserved:  # only then: the keys of existing cached tokenizers stay as they were
+        key_parts.append(json.dumps(sorted(set(reserved))))
     key = _short_hash("|".join([*key_parts, docs_fingerprint(docs)]))
     path = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / f"bpe-{key}.json"
     if path.is_file():
@@ -290,7 +361,7 @@ def train_bpe(
             return BPETokenizer(tokenizers.Tokenizer.from_file(str(path)), path)
         except Exception:  # a damaged cache file (the Rust loader raises plain Exception)
             pass  # retrained and rewritten below
-    tok = _train(texts, vocab_size)
+    tok = _train_reserving(texts, vocab_size, sorted(set(reserved)))
     write_text(path, tok.to_str())
     return BPETokenizer(tok, path)
 
@@ -298,12 +369,15 @@ def train_bpe(
 def get_tokenizer(
     kind: str, corpus: Corpus, vocab_size: int, cache_dir: Path | None = None
 ) -> Tokenizer:
-    """``"bpe"``: BPE trained on the corpus's training split; ``"byte"``: raw bytes."""
-    if kind == "bpe":
-        return train_bpe(corpus.train, vocab_size, cache_dir=cache_dir)
+    """``"bpe"``: BPE trained on the corpus's training split; ``"bpe_tasks"``: the same with
+    every answer of the Python tasks one token (:data:`~nnobs.data.python_tasks.ANSWER_PIECES`);
+    ``"byte"``: raw bytes."""
+    if kind in ("bpe", "bpe_tasks"):
+        reserved = ANSWER_PIECES if kind == "bpe_tasks" else ()
+        return train_bpe(corpus.train, vocab_size, cache_dir=cache_dir, reserved=reserved)
     if kind == "byte":
         return byte_tokenizer()
-    raise NnobsError(f"unknown tokenizer kind {kind!r}: use 'bpe' or 'byte'")
+    raise NnobsError(f"unknown tokenizer kind {kind!r}: use 'bpe', 'bpe_tasks' or 'byte'")
 
 
 def load_tokenizer(reference_or_dir: dict | Path | str) -> Tokenizer:
