@@ -108,6 +108,8 @@ class _Pass:
         feats = self.source.encode(batch.acts.flatten(0, 1)).float().cpu().view(b, t, -1)
         flat, mask = feats.flatten(0, 1), valid.flatten()
         real = flat[mask]
+        if len(real) == 0:
+            return
         self.active += (real > 0).sum(0)
         self.total += real.double().sum(0)
         self.peak = torch.maximum(self.peak, real.amax(0))
@@ -176,23 +178,28 @@ def _quantile_bins(sample: BestEntries, f: int, settings: DashboardSettings, win
     return bins
 
 
-def _logit_tokens(logits: torch.Tensor | None, n: int, piece) -> list[dict] | None:
-    """Per feature, the ``n`` tokens it promotes and suppresses most (None: not known)."""
-    if logits is None:
-        return None
-    n = min(n, logits.shape[1])
-    up, down = logits.topk(n, dim=1), logits.topk(n, dim=1, largest=False)
-    return [
-        {
-            "promoted": [[piece(int(i)), round(float(v), 4)] for v, i in zip(*u, strict=True)],
-            "suppressed": [[piece(int(i)), round(float(v), 4)] for v, i in zip(*d, strict=True)],
-        }
-        for u, d in zip(
-            zip(up.values, up.indices, strict=True),
-            zip(down.values, down.indices, strict=True),
-            strict=True,
-        )
-    ]
+def _logit_tokens(
+    adapter: ModelAdapter, source: FeatureSource, n: int, piece, chunk: int = 256
+) -> list[dict] | None:
+    """Per feature, the ``n`` tokens it promotes and suppresses most (None: not known);
+    ``chunk`` features at a time, so no (features × vocab) matrix is held."""
+    out = []
+    for first in range(0, source.n_features, chunk):
+        logits = direct_logits(adapter, source, slice(first, first + chunk))
+        if logits is None:
+            return None
+        k = min(n, logits.shape[1])
+        up, down = logits.topk(k, dim=1), logits.topk(k, dim=1, largest=False)
+        for f in range(len(logits)):
+            out.append(
+                {
+                    "promoted": [[piece(int(i)), round(float(v), 4)]
+                                 for v, i in zip(up.values[f], up.indices[f], strict=True)],
+                    "suppressed": [[piece(int(i)), round(float(v), 4)]
+                                   for v, i in zip(down.values[f], down.indices[f], strict=True)],
+                }
+            )  # fmt: skip
+    return out
 
 
 def ablation_effects(
@@ -276,7 +283,7 @@ def feature_dashboards(
     effects = {}
     if ablate_windows is not None and chosen:
         effects = ablation_effects(adapter, source, chosen, means, ablate_windows, settings)
-    logits = _logit_tokens(direct_logits(adapter, source), settings.n_logit_tokens, piece)
+    logits = _logit_tokens(adapter, source, settings.n_logit_tokens, piece)
     features = []
     for f in range(source.n_features):
         order = state.top.score[f].argsort(descending=True).tolist()

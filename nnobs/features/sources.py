@@ -188,9 +188,12 @@ def stream_directions(adapter: ModelAdapter, source: FeatureSource) -> torch.Ten
     return None
 
 
-def direct_logits(adapter: ModelAdapter, source: FeatureSource) -> torch.Tensor | None:
+def direct_logits(
+    adapter: ModelAdapter, source: FeatureSource, features: slice = slice(None)
+) -> torch.Tensor | None:
     """(n_features, vocab): each feature's direct effect on the logits per unit of activation,
-    through the final norm and the unembedding of an nnobs model.
+    through the final norm and the unembedding of an nnobs model (``features``: some rows only,
+    to bound memory with a large vocabulary).
 
     The final norm is handled as the field does (TransformerLens's folding): its gain is folded
     into the unembedding and a LayerNorm's centring applied, while its division by the token's
@@ -208,7 +211,7 @@ def direct_logits(adapter: ModelAdapter, source: FeatureSource) -> torch.Tensor 
         weight = getattr(norm, "weight", None)
         if weight is not None:
             dirs = dirs * weight.detach().float().cpu()
-    return dirs @ model.unembed.weight.detach().float().cpu().T
+    return dirs[features] @ model.unembed.weight.detach().float().cpu().T
 
 
 class SubsetSource(FeatureSource):
