@@ -3,6 +3,7 @@
 import json
 import shutil
 import subprocess
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -122,6 +123,28 @@ def test_auxiliary_loss_trains_features_that_stopped_firing():
         trainer.partial_fit(rows[256:272])  # leaves this step's gradient in .grad
         changed[aux] = sae.W_enc.grad[:, silent].abs().sum().item()
     assert changed[1 / 32] > 0 and changed[0.0] == 0.0  # only the auxiliary loss reaches them
+
+
+def test_resampling_restarts_dead_features_on_badly_reconstructed_rows():
+    rows, _ = _planted(4096, seed=3)
+    trainer = _fit(rows[:1024], k=2)
+    sae = trainer.sae_
+    trainer.settings = replace(trainer.settings, tokens=10**6, dead_tokens=512)  # resample due
+    dead = torch.tensor([3, 10, 40])
+    trainer.silent_ = torch.zeros(64, dtype=torch.long)
+    trainer.silent_[dead] = 512
+    x = rows[1024:1280]
+    with torch.no_grad():
+        recon = sae(x)
+    before = sae.W_dec.detach().clone()
+    trainer._resample(x, recon)
+    assert trainer.resampled_ == 3 and (trainer.silent_[dead] == 0).all()
+    missed = torch.nn.functional.normalize(x - recon, dim=1)
+    cos = sae.W_dec.detach()[dead] @ missed.T
+    assert torch.allclose(cos.max(1).values, torch.ones(3), atol=1e-5)  # a missed row each
+    others = torch.ones(64, dtype=torch.bool)
+    others[dead] = False
+    assert torch.equal(sae.W_dec.detach()[others], before[others])  # the live ones untouched
 
 
 def test_best_entries_equal_the_global_top_k():

@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from nnobs.core.errors import NnobsError
-from nnobs.core.fields import check_int, check_number
+from nnobs.core.fields import check_bool, check_int, check_number
 from nnobs.data.windows import Windows
 from nnobs.features.sae import SparseAutoencoder
 from nnobs.features.stream import site_batches, site_width
@@ -36,7 +36,10 @@ class SAESettings:
     ``lr`` 0 means 2e-4 / sqrt(d_sae / 16384) (Gao et al.'s scaling rule); ``tokens`` the
     training budget; ``batch_tokens`` rows per optimiser step; ``buffer_tokens`` the shuffle
     buffer; ``dead_tokens`` how long a feature may stay silent before the auxiliary loss
-    takes it up; ``aux_coef`` that loss's weight."""
+    takes it up; ``aux_coef`` that loss's weight; ``resample``: at most once every
+    ``dead_tokens`` tokens, in the first three quarters of the budget, give each dead feature
+    the direction of a badly reconstructed activation (drawn in proportion to its squared
+    error) and start it again."""
 
     d_sae: int = 0
     expansion: int = 8
@@ -47,6 +50,7 @@ class SAESettings:
     buffer_tokens: int = 32_768
     dead_tokens: int = 50_000
     aux_coef: float = 1 / 32
+    resample: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -56,6 +60,7 @@ class SAESettings:
         check_number("lr", self.lr, 0)
         check_number("aux_coef", self.aux_coef, 0)
         check_int("seed", self.seed, 0)
+        check_bool("resample", self.resample)
         if self.buffer_tokens < 2 * self.batch_tokens:
             raise NnobsError("buffer_tokens must hold at least two training batches")
 
@@ -118,7 +123,8 @@ class TopKSAETrainer:
         self.scale_ = float(((first - first.mean(0)) ** 2).sum(1).mean().clamp_min(1e-12))
         self.optimizer_ = torch.optim.Adam(sae.parameters(), lr=s.learning_rate(d_in))
         self.silent_ = torch.zeros(sae.d_sae, dtype=torch.long, device=first.device)
-        self.n_tokens_, self.history_ = 0, []
+        self.n_tokens_, self.history_, self.resampled_, self.last_resample_ = 0, [], 0, 0
+        self.generator_ = generator
 
     def _aux_loss(self, x: torch.Tensor, pre: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
         dead = self.silent_ >= self.settings.dead_tokens
@@ -131,6 +137,34 @@ class TopKSAETrainer:
         acts = torch.zeros_like(pre).scatter_(-1, top.indices, top.values.relu())
         missed = (x - recon).detach()
         return ((acts @ self.sae_.W_dec - missed) ** 2).sum(1).mean() / self.scale_
+
+    @torch.no_grad()
+    def _resample(self, x: torch.Tensor, recon: torch.Tensor) -> None:
+        """Restart dead features on the directions of badly reconstructed rows of ``x``."""
+        s, sae = self.settings, self.sae_
+        due = self.n_tokens_ - self.last_resample_ >= s.dead_tokens
+        if not s.resample or not due or self.n_tokens_ > 0.75 * s.tokens:
+            return
+        dead = (self.silent_ >= s.dead_tokens).nonzero().squeeze(1)
+        if len(dead) == 0:
+            return
+        self.last_resample_ = self.n_tokens_
+        error = ((x - recon) ** 2).sum(1).float().cpu() + 1e-12
+        rows = torch.multinomial(error, len(dead), len(dead) > len(x), generator=self.generator_)
+        rows = rows.to(x.device)
+        directions = torch.nn.functional.normalize(x[rows] - recon[rows], dim=1)
+        live = self.silent_ < s.dead_tokens
+        scale = sae.W_enc[:, live].norm(dim=0).mean() * 0.2 if live.any() else 1.0
+        sae.W_dec[dead] = directions
+        sae.W_enc[:, dead] = directions.T * scale
+        sae.b_enc[dead] = 0.0
+        for param, index in ((sae.W_dec, (dead,)), (sae.W_enc, (slice(None), dead)),
+                             (sae.b_enc, (dead,))):  # fmt: skip
+            for moment in self.optimizer_.state.get(param, {}).values():
+                if moment.dim():
+                    moment[index] = 0.0
+        self.silent_[dead] = 0
+        self.resampled_ += len(dead)
 
     def partial_fit(self, x: torch.Tensor) -> TopKSAETrainer:
         """One optimiser step on a batch of rows (the first call initialises from it)."""
@@ -150,6 +184,7 @@ class TopKSAETrainer:
             fired = (f > 0).any(0)
             self.silent_ = torch.where(fired, 0, self.silent_ + len(x))
             self.n_tokens_ += len(x)
+            self._resample(x, recon)
             step = len(self.history_) + 1
             record = {
                 "step": step,
@@ -183,6 +218,7 @@ class TopKSAETrainer:
             "tokens_trained": self.n_tokens_,
             "final_nmse": float(np.mean([h["nmse"] for h in self.history_[-20:]])),
             "dead_fraction": self.dead_fraction_,
+            "resampled": self.resampled_,
         }
         return self
 
