@@ -215,6 +215,15 @@ def test_features_command_writes_a_valid_result_and_page(python_run, tmp_path, c
     assert doc["source"]["kind"] == "sae" and len(doc["features"]) == 64
     assert 0 < doc["sae_metrics"]["variance_explained"] <= 1
     assert load_sae(out / "sae").site == "blocks.1.resid_post"
+    again = tmp_path / "again"  # the saved SAE loaded back and measured on the same tokens
+    argv = ["features", "--model", python_run, "--site", "blocks.1.resid_post", "--sae",
+            out / "sae", "--tokens", "500", "--n-ablate", "0", "--ablate-tokens", "512",
+            "--n-boot", "50", "--out", again]  # fmt: skip
+    assert main([str(a) for a in argv]) == 0
+    reloaded = load_result(again / "features.json", "nnobs.features")["sae_metrics"]
+    assert reloaded["variance_explained"] == pytest.approx(
+        doc["sae_metrics"]["variance_explained"], abs=1e-6
+    )
     page = (out / "index.html").read_text()
     assert 'id="feature-search"' in page and 'class="tok at"' in page
     if CHROMIUM is None:

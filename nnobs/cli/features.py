@@ -33,7 +33,7 @@ examples:
 
 Features: the neurons of an mlp_hidden site; --pca N principal components; --probe FILE the
 probe direction of an observe result; --sae DIR a SAELens-format dictionary (nnobs's or
-SAELens's); --train-sae trains a TopK SAE on --sae-split first (streamed, bounded memory)
+SAELens's, measured on this model: variance explained, L0, spliced-in loss); --train-sae trains a TopK SAE on --sae-split first (streamed, bounded memory)
 and saves it to OUT/sae. Dashboards come from one streamed pass over --tokens tokens of
 --split; the densest --n-ablate features are mean-ablated on --ablate-tokens test tokens.
 --decompose names the SAE features or neurons that make up an observe result's probe
@@ -105,15 +105,18 @@ def _source(adapter: ModelAdapter, args: argparse.Namespace, out: Path):
     from nnobs.core.results import load_result
     from nnobs.features import sources
     from nnobs.features.sae import load_sae
+    from nnobs.features.sae_eval import evaluate_sae
 
     if args.train_sae:
         sae, metrics = _train_sae(adapter, args, out)
         return sources.sae_source(adapter, sae, args.site, str(out / "sae")), metrics
-    if args.sae:
-        sae = load_sae(args.sae)
-        return sources.sae_source(adapter, sae, args.site, args.sae), sae.metadata.get(
-            "nnobs_metrics"
+    if args.sae:  # measured on this model: the SAE may come from another checkpoint or tool
+        source = sources.sae_source(adapter, load_sae(args.sae), args.site, args.sae)
+        held_out = _windows(adapter, args, "test", args.ablate_tokens)
+        metrics = evaluate_sae(
+            adapter, source.sae, held_out, batch_size=args.batch_size, n_boot=args.n_boot
         )
+        return source, metrics
     if args.pca is not None:
         windows = _windows(adapter, args, args.split, args.tokens)
         return sources.pca_source(adapter, windows, args.site, args.pca, args.batch_size), None
