@@ -61,7 +61,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--seeds", type=int_list, help="probe seeds (43-49; 43-45 with --all-checkpoints)"
     )
-    parser.add_argument("--seq-len", type=int, help="window length (default: min(context, 256))")
+    parser.add_argument(
+        "--seq-len",
+        type=int,
+        help="window length (default: min(context, 256); min(context, 512) with "
+        "--sampling reference)",
+    )
     parser.add_argument("--batch-size", type=int, default=16, help="windows per forward pass")
     parser.add_argument(
         "--n-boot", type=int, help="bootstrap resamples for CIs (1000; 200 with --all-checkpoints)"
@@ -86,7 +91,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=["spread", "reference"],
         default="spread",
         help="token windows: random spans over every document (spread), or the reference "
-        "method's openings of the shortest documents (reference)",
+        "method's openings (first <= 512 tokens) of the shortest documents (reference)",
     )
     parser.add_argument("--level", type=float, default=0.05, help="the verdict's test level (0.05)")
     parser.add_argument(

@@ -112,6 +112,7 @@ def observe(
             "settings": asdict(settings),
             "model": {"n_layers": adapter.n_layers, "d_model": adapter.d_model},
             "tokens": run.tokens(),
+            "bos": adapter.tokenizer.bos_id,
             **results,
             "timings_s": run.clock.seconds,
             "memory": {s: run.data[s].cap.stats for s in SPLITS},

@@ -6,13 +6,11 @@ from dataclasses import dataclass, field
 
 from nnobs.core.errors import NnobsError
 from nnobs.core.fields import check_choice, check_int, check_number, is_int, is_number
+from nnobs.data.windows import SAMPLINGS
 
 # The probe's target: "rank" is the sign of the residual pcorr itself correlates (rank of loss
 # on the ranks of max softmax and norm); "reference" the reference method's OLS on raw values.
 LABELS = ("rank", "reference")
-# Token windows: "spread" takes random spans over every document of a split; "reference" the
-# reference method's openings of the shortest documents.
-SAMPLINGS = ("spread", "reference")
 
 
 @dataclass
