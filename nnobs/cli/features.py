@@ -31,11 +31,12 @@ examples:
   nnobs features --model runs/default --site blocks.0.resid_post --sae out/sae0/sae \\
       --decompose runs/default/observe/observe.json --out out/decision
 
-Features: the neurons of an mlp_hidden site; --pca N principal components; --probe FILE the
-probe direction of an observe result; --sae DIR a SAELens-format dictionary (nnobs's or
-SAELens's, measured on this model: variance explained, L0, spliced-in loss); --train-sae trains a TopK SAE on --sae-split first (streamed, bounded memory)
-and saves it to OUT/sae. Dashboards come from one streamed pass over --tokens tokens of
---split; the densest --n-ablate features are mean-ablated on --ablate-tokens test tokens.
+Features: the neurons of an mlp_hidden site; --pca N principal components; --probe FILE
+the probe direction of an observe result; --sae DIR a SAELens-format dictionary (nnobs's
+or SAELens's, measured on this model: variance explained, L0, spliced-in loss);
+--train-sae trains a TopK SAE on --sae-split first (streamed, bounded memory) and saves
+it to OUT/sae. Dashboards come from one streamed pass over --tokens tokens of --split;
+the densest --n-ablate features are mean-ablated on --ablate-tokens test tokens.
 --decompose names the SAE features or neurons that make up an observe result's probe
 direction (by cosine and by contribution to the probe's score)."""
 
