@@ -14,8 +14,11 @@ token's top prediction (probability ``c`` = max softmax) is correct with probabi
 their own confidence level (tokens of one document are not independent). Activations carry
 confidence nonlinearly (``logit c``, ``c``, ``c²``, ``log(1 - c)`` through a random mixing
 matrix, different for every model, plus noise): a probe can read confidence but, under the
-null, nothing beyond it. A planted model also carries ``strength × (correct - c)`` — private
-evidence of whether the top prediction is right — along a hidden direction. With ``--model
+null, nothing beyond it. A planted model carries private evidence along a hidden direction,
+of one of two kinds (``--signals``): *correctness*, ``strength × (correct - c)`` (whether the
+top prediction is right), with the loss untouched; or *difficulty*, a per-token ``z`` that
+scales the loss (``loss × exp(0.3 z)``) and that the activations carry as ``strength × z``
+(how bad the loss is beyond what confidence and correctness say). With ``--model
 RUN`` the (max softmax, loss) pairs are resampled from a real capture of that model instead.
 
     .venv/bin/python benchmarks/bench_calibration.py                 # 200 nulls, 3 strengths
@@ -57,13 +60,19 @@ def confidence_and_loss(rng: np.random.Generator, n_docs: int, doc_len: int, pai
     return c, np.where(correct, -np.log(c), wrong), correct.astype(float), doc_ids
 
 
-def simulated_split(rng, mixing, hidden, strength, n_docs, doc_len, pairs, d) -> SplitData:
+def simulated_split(rng, mixing, hidden, strength, signal, n_docs, doc_len, pairs, d) -> SplitData:
     c, loss, correct, doc_ids = confidence_and_loss(rng, n_docs, doc_len, pairs)
+    z = rng.standard_normal(len(c))
+    if signal == "difficulty":
+        loss = loss * np.exp(0.3 * z)
     logit = np.log(c / (1 - c))
     features = np.column_stack([logit, c, c**2, np.log(1 - c)])
     features = (features - features.mean(0)) / features.std(0)
     X = features @ mixing + rng.standard_normal((len(c), d))
-    X += strength * np.outer(correct - c, hidden) / 0.3  # (correct - c) has sd about 0.3
+    if signal == "difficulty":
+        X += strength * np.outer(z, hidden)
+    else:
+        X += strength * np.outer(correct - c, hidden) / 0.3  # (correct - c) has sd about 0.3
     cap = Capture(
         loss=loss.astype(np.float32),
         max_softmax=c.astype(np.float32),
@@ -76,12 +85,14 @@ def simulated_split(rng, mixing, hidden, strength, n_docs, doc_len, pairs, d) ->
     return SplitData("sim", cap)
 
 
-def headline(rng, strength, settings, args, pairs) -> dict:
+def headline(rng, strength, signal, settings, args, pairs) -> dict:
     """The protocol's headline record on one simulated model (a fresh mixing matrix)."""
     mixing = rng.standard_normal((4, args.d))
     hidden = np.linalg.qr(rng.standard_normal((args.d, 1)))[0][:, 0]
     splits = [
-        simulated_split(rng, mixing, hidden, strength, args.docs, args.doc_len, pairs, args.d)
+        simulated_split(
+            rng, mixing, hidden, strength, signal, args.docs, args.doc_len, pairs, args.d
+        )
         for _ in range(2)
     ]
     train, test = splits
@@ -90,11 +101,11 @@ def headline(rng, strength, settings, args, pairs) -> dict:
     return record
 
 
-def trial(seed: int, strength: float, label: str, args, pairs) -> tuple[bool, float]:
+def trial(seed: int, strength: float, signal: str, label: str, args, pairs) -> tuple[bool, float]:
     rng = np.random.default_rng(seed)
     settings = ObserveSettings(label=label, n_boot=args.n_boot, null_models=args.null_models)
-    observed = headline(rng, strength, settings, args, pairs)
-    nulls = [headline(rng, 0.0, settings, args, pairs) for _ in range(args.null_models)]
+    observed = headline(rng, strength, signal, settings, args, pairs)
+    nulls = [headline(rng, 0.0, signal, settings, args, pairs) for _ in range(args.null_models)]
     test = compare_to_null(
         observed["ensemble"],
         observed["ensemble_sd"],
@@ -126,7 +137,8 @@ def real_pairs(run: str) -> np.ndarray:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nulls", type=int, default=200, help="null trials per label (200)")
-    parser.add_argument("--planted", type=int, default=50, help="trials per strength (50)")
+    parser.add_argument("--planted", type=int, default=40, help="trials per strength (40)")
+    parser.add_argument("--signals", nargs="+", default=["correctness", "difficulty"])
     parser.add_argument("--strengths", type=float, nargs="+", default=[0.05, 0.1, 0.2])
     parser.add_argument("--labels", nargs="+", default=["rank", "reference"])
     parser.add_argument("--null-models", type=int, default=ObserveSettings().null_models)
@@ -138,15 +150,20 @@ def main() -> None:
     args = parser.parse_args()
     pairs = real_pairs(args.model) if args.model else None
     rows = []
+    cases = [("none", 0.0, args.nulls)]
+    cases += [(sig, s, args.planted) for sig in args.signals for s in args.strengths]
     for label in args.labels:
-        for strength, n in [(0.0, args.nulls)] + [(s, args.planted) for s in args.strengths]:
+        for signal, strength, n in cases:
             start = time.perf_counter()
-            outcomes = [trial(10_000 * i + 7, strength, label, args, pairs) for i in range(n)]
+            outcomes = [
+                trial(10_000 * i + 7, strength, signal, label, args, pairs) for i in range(n)
+            ]
             hits = sum(o[0] for o in outcomes)
             ci = binomtest(hits, n).proportion_ci(0.95)
             rows.append(
                 {
                     "label": label,
+                    "signal": signal,
                     "strength": strength,
                     "trials": n,
                     "above_floor": hits / n,
@@ -156,10 +173,14 @@ def main() -> None:
                 }
             )
             print(json.dumps(rows[-1]), flush=True)
-    print("\n| label | planted strength | trials | 'above the floor' | 95% CI | mean headline |")
+    print("\n| label | planted | trials | 'above the floor' | 95% CI | mean headline |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        kind = "null (false-positive rate)" if r["strength"] == 0 else f"{r['strength']:g} (power)"
+        kind = (
+            "none (false-positive rate)"
+            if r["strength"] == 0
+            else f"{r['signal']} {r['strength']:g} (power)"
+        )
         print(
             f"| {r['label']} | {kind} | {r['trials']} | {r['above_floor']:.1%} | "
             f"[{r['ci95'][0]:.1%}, {r['ci95'][1]:.1%}] | {r['mean_headline']:+.3f} |"
