@@ -63,3 +63,33 @@ def test_a_route_site_of_an_additive_model_is_refused_naming_its_residual(
     argv = ["ablate", "--model", python_run, "--site", "blocks.0.route_mlp", "--corpus",
             python_corpus, "--windows", "2", "--out", tmp_path / "out"]  # fmt: skip
     expect_refusal(argv, "needs a routed residual, and this model's residual is 'add'", [tmp_path])
+
+
+@pytest.mark.slow
+def test_a_hugging_face_qwen3_is_analysed_under_the_wrap(python_corpus, nnobs_cache, tmp_path):
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    torch.manual_seed(0)
+    config = transformers.Qwen3Config(
+        hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=48, vocab_size=64, max_position_embeddings=64, head_dim=8,
+    )  # fmt: skip
+    model_dir = tmp_path / "qwen3"
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
+    words = {"<eos>": 0, "<unk>": 1, **{w: i + 2 for i, w in enumerate(["def", "return", "("])}}
+    tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>"
+    ).save_pretrained(model_dir)
+    out = tmp_path / "out"
+    argv = ["routing", "--model", model_dir, "--wrap-blocks", "2", "--corpus", python_corpus,
+            "--windows", "6", "--window-len", "16", "--n-boot", "50", "--out", out,
+            "--no-progress"]  # fmt: skip
+    assert main([str(a) for a in argv]) == 0
+    (entry,) = load_result(out / "routing.json", "nnobs.routing")["models"]
+    assert entry["routing"] == {"kind": "wrapped", "blocks": 2, "recency": 2.0}
+    assert entry["wrap_check"]["max_logit_diff"] <= 1e-4 and entry["max_weight_std"] <= 1e-6
+    assert entry["provenance"]["architecture"] == "Qwen3ForCausalLM"
