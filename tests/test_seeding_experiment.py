@@ -114,6 +114,10 @@ def test_result_document_validates_and_the_page_shows_the_verdicts(tmp_path):
     page = render_seeding(doc, tmp_path / "report").read_text()
     assert "layer 1: persists" in page and "the auxiliary task's doing" in page
     assert page.count("<figure") == 2 and (tmp_path / "report" / "gap.png").is_file()
+    from nnobs.report.html import render_report  # nnobs report DIR renders it again
+
+    (tmp_path / "report" / "index.html").unlink()
+    assert render_report(tmp_path) == tmp_path / "report" / "index.html"
     decayed = synthetic_document(persist=0.0)
     assert decayed["comparisons"]["seeded_aux_vs_random"]["layers"][1]["verdict"] == "decays"
     broken = json.loads(json.dumps(doc))

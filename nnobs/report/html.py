@@ -26,6 +26,7 @@ from nnobs.report import plots
 from nnobs.report.observe_page import render_observe_page
 from nnobs.report.page import Page, escape, interval, number, verdict_span
 from nnobs.report.routing_page import render_routing
+from nnobs.report.seeding_page import render_seeding
 from nnobs.report.study_page import render_study
 
 # ------------------------------------------------------------------------- trajectory
@@ -188,6 +189,9 @@ def render_report(directory: str | Path, out_dir: str | Path | None = None) -> P
     routing = _first(directory / "routing.json")
     if routing is not None:
         return render_routing(load_result(routing, "nnobs.routing"), out)
+    seeding = _first(directory / "seeding.json")
+    if seeding is not None:
+        return render_seeding(load_result(seeding, "nnobs.seeding"), out)
     run = RunDir(directory)  # a run directory's results, or results side by side
     traj = _first(run.trajectory_file, directory / "trajectory.json")
     obs = _first(run.observe_dir / "observe.json", directory / "observe.json")
