@@ -238,3 +238,22 @@ def test_grow_refusals_write_nothing(
         watch=[tmp_path],
     )
     expect_refusal([*base[:-1], tmp_path / "full"], "is not empty", watch=[tmp_path])
+
+
+def test_a_grown_model_that_is_not_exact_is_refused_and_nothing_written(
+    python_run, large_toml, tmp_path, monkeypatch, one_thread
+):
+    import nnobs.seeding.grown_run as grown_run
+    from nnobs.training.runconfig import load_run_config
+
+    def off_by_a_little(small, plan, seed=0):
+        grown = grow_model(small, plan, seed)
+        with torch.no_grad():
+            grown.blocks[0].mlp.down.weight[0, 0] += 0.5
+        return grown
+
+    monkeypatch.setattr(grown_run, "grow_model", off_by_a_little)
+    mc, tc = load_run_config(None, large_toml)
+    with pytest.raises(NnobsError, match="not function-preserving; nothing written"):
+        grown_run.grow_run(python_run, mc, tc, tmp_path / "grown")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["large.toml"]

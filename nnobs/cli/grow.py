@@ -11,7 +11,8 @@ EPILOG = """\
 examples:
   nnobs grow --small runs/small --config large.toml --out runs/large-seeded
   nnobs grow --small runs/small --config large.toml --out runs/grown --layer-map 0,2,4
-  nnobs train --config large.toml --out runs/large-seeded      (trains the grown run on)
+  nnobs train --config large.toml --out runs/large-seeded      (trains the grown run on,
+                                                               same --set overrides)
 
 The large config may add heads (at the small model's head dimension: set model.d_head),
 MLP neurons and layers; every other knob stays. A wider residual stream (d_model) is exact
