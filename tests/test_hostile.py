@@ -166,8 +166,8 @@ CASES: dict[str, tuple[Argv, str]] = {
     "report-not-an-object": (_report("observe.json", [1, 2]), "with a 'schema' field"),
     "report-not-json": (_report("observe.json", "{half"), "cannot read result"),
     "report-newer": (
-        _report("observe.json", _doc("nnobs.observe", 2)),
-        "written by a newer nnobs (nnobs.observe schema 2; this nnobs reads 1): upgrade nnobs",
+        _report("observe.json", _doc("nnobs.observe", 3)),
+        "written by a newer nnobs (nnobs.observe schema 3; this nnobs reads 2): upgrade nnobs",
     ),
     "report-other-kind-study": (
         _report("study.json", _doc("nnobs.observe")),
