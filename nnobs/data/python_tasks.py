@@ -14,8 +14,9 @@ tokenizer kind ``bpe_tasks`` makes every answer of :data:`PYTHON_TASKS` one toke
 :func:`load_python_task` names the answers that are not.
 
 Held-out items are separate from training items by construction: an item's split is a hash
-of its two prompts (one item in five is held out), so no prompt of one split is a prompt of
-the other, for every ``n`` and ``seed``. Where the paper gives only a task's name, the
+of its two prompts (one item in five is held out), and every prompt a generator writes has
+one counterpart only, so no prompt of one split is a prompt of the other, for every ``n``
+and ``seed``. Where the paper gives only a task's name, the
 definition below is the most natural reading of it, and its description says so.
 """
 
@@ -80,10 +81,10 @@ def _quote(rng: random.Random) -> tuple[str, str, str, str]:
 def _final_kwarg(rng: random.Random) -> tuple[str, str, str, str]:
     f = rng.choice(_FUNCS)
     first, second, last = rng.sample(_NAMES, 3)
-    v1, v2 = rng.sample(_NAMES, 2)
-    keywords = f"{f}({first}={v1}, {second}={v2}, {last}"
-    positional = f"{f}({v1}, {v2}, {last}"
-    return keywords, positional, "=", ")"
+    keywords = f"{f}({first}={first}, {second}={second}, {last}"
+    positional = f"{f}({first}, {second}, {last}"
+    a, b = _nested(rng, keywords, positional)
+    return a, b, "=", ")"
 
 
 def _set_or_string(fixed: bool) -> Generator:
@@ -97,8 +98,10 @@ def _set_or_string(fixed: bool) -> Generator:
 
 
 def _class_init(rng: random.Random) -> tuple[str, str, str, str]:
-    cls, method = rng.choice(_CLASSES), rng.choice(["run", "get", "reset", "close", "update"])
-    return f"class {cls}:\n    def {method}(", f"def {method}(", "self", ")"
+    cls, method = rng.choice(_CLASSES), rng.choice(_DEFS)
+    base = rng.choice(["", "(object)", "(Base)", "(dict)"])
+    head = f"class {cls}{base}:\n    "
+    return f"{head}def {method}(", f"{head}pass\ndef {method}(", "self", ")"
 
 
 def _with_as(rng: random.Random) -> tuple[str, str, str, str]:
@@ -140,12 +143,12 @@ def _else_elif(rng: random.Random) -> tuple[str, str, str, str]:
 
 def _fstring_brace(rng: random.Random) -> tuple[str, str, str, str]:
     word, name, f = rng.choice(_WORDS), rng.choice(_NAMES), rng.choice(_FUNCS)
-    return f'print(f"{word} {{{name}', f'print("{word}", {f}({name}', "}", ")"
+    return f'print({f}(f"{word} {{{name}', f'print({f}("{word}", {name}', "}", ")"
 
 
 def _if_ternary(rng: random.Random) -> tuple[str, str, str, str]:
     target, value, cond = rng.sample(_NAMES, 3)
-    return f"{target} = {value} if {cond}", f"if {cond}", " else", ":"
+    return f"{target} = {value} if {cond}", f"{target} = {value}\nif {cond}", " else", ":"
 
 
 def _var_swap(rng: random.Random) -> tuple[str, str, str, str]:
@@ -175,7 +178,8 @@ def _if_equals(rng: random.Random) -> tuple[str, str, str, str]:
 
 def _enumerate_range(rng: random.Random) -> tuple[str, str, str, str]:
     i, x = rng.sample(_SHORT, 2)
-    a, b = _nested(rng, f"for {i}, {x} in", f"for {i} in")
+    head = f"{x} = None\n"  # both prompts name both variables (prompts never repeat)
+    a, b = _nested(rng, f"{head}for {i}, {x} in", f"{head}for {i} in")
     return a, b, " enumerate", " range"
 
 
@@ -197,14 +201,14 @@ PYTHON_TASKS: dict[str, PythonTask] = {
         PythonTask("single_double_quote", "close a string with the quote that opened it: "
                    "\" vs '", ('"', "'"), _quote),
         PythonTask("final_kwarg", "after keyword arguments the last argument is one too "
-                   "(f(a=1, b=2, c → '='), after positional ones the call closes (')')",
+                   "(f(a=a, b=b, c → '='), after positional ones the call closes (')')",
                    ("=", ")"), _final_kwarg),
         PythonTask("set_or_string", "a set grows by .add, a string by +=: '.' vs ' +=' after "
                    "the variable", (".", " +="), _set_or_string(False)),
         PythonTask("set_or_string_fixedvarname", "set_or_string with the variable always "
                    "named current", (".", " +="), _set_or_string(True)),
-        PythonTask("class_init", "a method in a class body takes self first; a top-level "
-                   "function here takes nothing: 'self' vs ')'", ("self", ")"), _class_init),
+        PythonTask("class_init", "a method in a class body takes self first; a function "
+                   "after the class takes nothing here: 'self' vs ')'", ("self", ")"), _class_init),
         PythonTask("with_as", "with open(...) binds a name (' as'); an if ends with ':'",
                    (" as", ":"), _with_as),
         PythonTask("bracket_brace", "close the innermost open bracket: ']' vs '}'",
