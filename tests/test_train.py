@@ -303,6 +303,12 @@ def test_an_out_the_user_cannot_write_is_one_clear_error(tmp_path):
 
 @pytest.mark.slow
 def test_sigkill_at_any_moment_then_resume_is_bit_identical(tmp_path):
+    sigkill_then_resume(tmp_path)
+
+
+def sigkill_then_resume(tmp_path, extra_args=()):
+    """Train the tiny preset (with ``extra_args``) once straight through and once killed
+    twice and resumed: the weights and the log end identical."""
     import os
     import signal
     import subprocess
@@ -311,7 +317,8 @@ def test_sigkill_at_any_moment_then_resume_is_bit_identical(tmp_path):
 
     argv = [sys.executable, "-m", "nnobs", "train", "--preset", "tiny", "--no-progress",
             "--set", "train.steps=30", "--set", "train.max_chars=60000",
-            "--set", "train.first_checkpoint=2", "--set", "train.checkpoint_every=4"]  # fmt: skip
+            "--set", "train.first_checkpoint=2", "--set", "train.checkpoint_every=4",
+            *extra_args]  # fmt: skip
     env = {**os.environ, "NNOBS_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     subprocess.run([*argv, "--out", str(tmp_path / "full")], env=env, check=True)
     out = tmp_path / "killed"
