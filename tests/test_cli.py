@@ -74,7 +74,7 @@ def test_config_file_and_overrides(tmp_path, capsys):
     "extra, message",
     [
         (["--config", "missing.toml"], "config file 'missing.toml' does not exist"),
-        (["--preset", "huge"], "unknown preset 'huge': choose one of default, tiny"),
+        (["--preset", "huge"], "unknown preset 'huge': choose one of default, dense, sparse, tiny"),
         (["--preset", "tiny", "--set", "model.colour=1"], "unknown model knob(s) colour"),
         (["--preset", "tiny", "--set", "model.activation=tanh"], "unknown activation 'tanh'"),
         (["--preset", "tiny", "--set", "model.d_model=66"], "not divisible by n_heads=4"),
