@@ -38,3 +38,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_observe.py
 	$(BIN)/python benchmarks/bench_patching.py
 	$(BIN)/python benchmarks/bench_trajectory.py
+	$(BIN)/python benchmarks/bench_calibration.py
+	$(BIN)/python benchmarks/bench_routing.py
+	$(BIN)/python benchmarks/bench_seeding.py
+	$(BIN)/python benchmarks/bench_features.py
