@@ -147,9 +147,18 @@ def test_drift_command_measures_the_signal_on_both_models(python_run, finetuned_
     assert main([str(a) for a in argv]) == 0
     decision = load_result(out / "drift.json", "nnobs.drift")["decision"]
     assert decision["before"]["tokens"] == decision["after"]["tokens"]  # the same tokens
-    assert decision["difference"] == pytest.approx(
+    change = decision["change"]
+    # the per-token inputs refit after the protocol reproduce both headlines
+    for name in ("before", "after"):
+        assert change[name] == pytest.approx(decision[name]["pcorr"], abs=1e-9)
+    assert decision["difference"] == change["difference"]
+    assert change["difference"] == pytest.approx(
         decision["after"]["pcorr"] - decision["before"]["pcorr"]
     )
+    lo, hi = change["interval"]
+    assert lo < hi and change["sd"] > 0 and change["verdict"] in {"kept", "fell", "rose", "unclear"}
+    assert change["changed"] == (change["p_value"] < change["level"])
+    assert f"<b>{change['verdict']}</b>" in (out / "index.html").read_text()
 
 
 @pytest.fixture(scope="module")
@@ -183,6 +192,10 @@ def test_refusals(python_run, finetuned_run, bpe_run, tmp_path, expect_refusal):
             ],
             "16-wide",
         ),  # fmt: skip
+    ]
+    rows += [
+        (["--site", "blocks.0.mlp_hidden", "--level", "0.7"], "level must be in"),
+        (["--site", "blocks.0.mlp_hidden", "--kept-margin", "-0.1"], "kept margin must be"),
     ]
     for extra, message in rows:
         argv = _drift_argv(python_run, finetuned_run, out, *extra, "--no-observe")

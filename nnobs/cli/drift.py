@@ -33,7 +33,11 @@ SAEs (--sae-before/--sae-after, or --train-sae to train one per model) their fea
 matched by decoder cosine (Hungarian; matched at cosine >= 0.7), the base SAE is spliced into
 the fine-tuned model, and the vanished and appeared features get dashboards. Every layer's
 CKA before vs after, and the decision-quality protocol on both models (--ex-per-dim tokens
-per dimension; --no-observe skips it) complete the report."""
+per dimension; --no-observe skips it) complete the report. The signal's change is a paired
+test: the difference of the two headlines with an interval over the test documents (the same
+documents resampled for both models) and the probes' training (their seeds), a two-sided
+p-value at --level, and a verdict: fell or rose (changed), kept (not changed, and the
+interval within --kept-margin of 0) or unclear (too uncertain to tell)."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -62,6 +66,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--n-dashboards", type=int, default=8, help="vanished/appeared shown")
     parser.add_argument("--ex-per-dim", type=int, default=50, help="protocol tokens per dim")
     parser.add_argument("--no-observe", action="store_true", help="skip the protocol")
+    parser.add_argument(
+        "--level", type=float, default=0.05, help="level of the signal-change test (0.05)"
+    )
+    parser.add_argument(
+        "--kept-margin", type=float, default=0.05,
+        help="pcorr change within which the signal counts as kept (0.05)",
+    )  # fmt: skip
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     parser.add_argument("--batch-size", type=int, default=16, help="windows per forward pass")
     parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples")
@@ -146,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
     from nnobs.core.results import write_result
     from nnobs.data.corpus import load_corpus
     from nnobs.features import drift
+    from nnobs.features.signal_change import check_change_settings
     from nnobs.features.stream import budget_windows
     from nnobs.interventions.ablation import windows_info
     from nnobs.models.adapter import provenance
@@ -153,6 +165,7 @@ def run(args: argparse.Namespace) -> int:
     from nnobs.observe.settings import ObserveSettings
     from nnobs.report.drift_page import render_drift
 
+    check_change_settings(args.level, args.kept_margin)
     out = output_dir(args.out)
     models = _models(args)
     if site_kind(args.site) != "mlp_hidden" and not (args.train_sae or args.sae_before):
@@ -169,11 +182,13 @@ def run(args: argparse.Namespace) -> int:
     decision = None
     if not args.no_observe:
         settings = ObserveSettings(ex_per_dim=args.ex_per_dim, n_boot=args.n_boot)
-        decision = drift.decision_signal(*models, load_corpus(args.corpus), settings)
+        decision = drift.decision_signal(
+            *models, load_corpus(args.corpus), settings, level=args.level, margin=args.kept_margin
+        )
     saes = _saes(args, models, out)
     doc = {
         "schema": "nnobs.drift",
-        "schema_version": 1,
+        "schema_version": 2,
         "provenance": {"before": provenance(models[0]), "after": provenance(models[1])},
         "settings": {k: v for k, v in vars(args).items() if k != "func"},
         "site": args.site,

@@ -11,12 +11,14 @@
   fine-tuned model's own SAE: variance explained (the first positions of each window left out,
   whose norms are outliers) and the loss with each reconstruction spliced in.
 - **CKA** of every layer's residual stream before vs after.
-- **The decision-quality signal** before and after: the protocol on both, on the same tokens.
+- **The decision-quality signal** before and after: the protocol on both, on the same tokens,
+  and a paired test of its change (:mod:`nnobs.features.signal_change`).
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,13 +30,16 @@ from nnobs.data.corpus import Corpus
 from nnobs.data.windows import Windows
 from nnobs.features.sae import SparseAutoencoder
 from nnobs.features.sae_eval import evaluate_sae
+from nnobs.features.signal_change import KEPT_MARGIN, HeadlineInputs, paired_change
 from nnobs.features.stream import site_batches
 from nnobs.measure.cka import linear_cka
+from nnobs.measure.probes import linear_scores
 from nnobs.models.adapter import ModelAdapter
-from nnobs.observe.capture import capture
+from nnobs.observe.capture import Capture, capture, capture_scratch
 from nnobs.observe.protocol import observe
 from nnobs.observe.settings import ObserveSettings
-from nnobs.observe.splits import model_trained_on
+from nnobs.observe.signal import ensemble_score, fit_seed_probes, pcorr
+from nnobs.observe.splits import SplitData, model_trained_on
 
 MATCH_THRESHOLD = 0.7
 HISTOGRAM_EDGES = np.linspace(-1.0, 1.0, 41)
@@ -178,23 +183,51 @@ def _signal_summary(result: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def headline_inputs(
+    adapter: ModelAdapter, result: dict[str, Any], work_dir: Path, settings: ObserveSettings
+) -> HeadlineInputs:
+    """The per-token inputs of an observe result's headline, from the splits it captured into
+    ``work_dir``: the chosen layer's seed probes are fit again (deterministically, as the
+    protocol fit them) and scored on the test split."""
+    train, test = (SplitData(s, Capture.load(work_dir / s)) for s in ("train", "test"))
+    site = result["headline"]["site"]
+    probes = fit_seed_probes(train, site, settings.seeds, str(adapter.device), settings.label)
+    scores = linear_scores(probes, test.acts(site))
+    return HeadlineInputs(
+        ensemble_score(scores), test.cap.loss, test.covariates(site), test.cap.doc_ids,
+        pcorr(scores, test, site),
+    )  # fmt: skip
+
+
 def decision_signal(
-    before: ModelAdapter, after: ModelAdapter, corpus: Corpus, settings: ObserveSettings
+    before: ModelAdapter,
+    after: ModelAdapter,
+    corpus: Corpus,
+    settings: ObserveSettings,
+    *,
+    level: float = 0.05,
+    margin: float = KEPT_MARGIN,
 ) -> dict[str, Any]:
-    """The decision-quality protocol on both models over the same documents and tokens.
+    """The decision-quality protocol on both models over the same documents and tokens, and
+    the paired test of its change (:func:`nnobs.features.signal_change.paired_change`).
 
     The fine-tuned model has seen every document its parent trained on, so when either model
     trained on ``corpus`` both are measured on text held out from that training (the halves of
     the validation split), never one on held-out and the other on training text."""
     held_out = model_trained_on(before, corpus) or model_trained_on(after, corpus)
     mark = {"corpus_fingerprint": corpus.fingerprint if held_out else None, "corpus_spec": None}
-    results = {
-        name: _signal_summary(
-            observe(replace(m, provenance={**m.provenance, **mark}), corpus, settings=settings,
-                    progress=False)
-        )
-        for name, m in (("before", before), ("after", after))
-    }  # fmt: skip
+    results: dict[str, Any] = {}
+    inputs = {}
+    with capture_scratch("nnobs-drift-") as scratch:
+        for name, model in (("before", before), ("after", after)):
+            marked = replace(model, provenance={**model.provenance, **mark})
+            result = observe(marked, corpus, settings=settings, work_dir=scratch / name,
+                             progress=False)  # fmt: skip
+            results[name] = _signal_summary(result)
+            inputs[name] = headline_inputs(model, result, scratch / name, settings)
     results["held_out_from_training"] = held_out
-    results["difference"] = results["after"]["pcorr"] - results["before"]["pcorr"]
+    results["change"] = paired_change(
+        inputs["before"], inputs["after"], n_boot=settings.n_boot, level=level, margin=margin
+    )
+    results["difference"] = results["change"]["difference"]
     return results

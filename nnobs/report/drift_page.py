@@ -95,6 +95,20 @@ def _sae(page: Page, sae: dict[str, Any]) -> None:
         page.add("".join(feature_card(f) for f in cards) or "<p>none</p>")
 
 
+def _change(change: dict[str, Any] | None) -> str:
+    if change is None:  # a result written before the change was tested
+        return ""
+    level = change["level"]
+    return (
+        f"<p>Change after − before {number(change['difference'])} "
+        f"{interval(change['interval'])} ({change['confidence']:.0%} interval over "
+        f"{escape(change['interval_over'])}); p = {change['p_value']:.3g} for a change "
+        f"(two-sided, level {level:g}): <b>{escape(change['verdict'])}</b>. Kept means not "
+        f"changed and the interval within ±{change['margin']:g}; unclear, that the data cannot "
+        "tell a change of that size from none.</p>"
+    )
+
+
 def _decision(page: Page, decision: dict[str, Any]) -> None:
     rows = [
         [name, str(r["layer"]), number(r["pcorr"]), interval(r["ci95"])]
@@ -102,10 +116,10 @@ def _decision(page: Page, decision: dict[str, Any]) -> None:
     ]
     page.add(
         "<h2>The decision-quality signal</h2><p>The protocol on both models, same tokens "
-        f"(held out from training: {'yes' if decision['held_out_from_training'] else 'no'}); "
-        f"difference after − before {number(decision['difference'])}.</p>"
+        f"(held out from training: {'yes' if decision['held_out_from_training'] else 'no'}).</p>"
     )
     page.table(["model", "layer", "pcorr (test)", "95% CI"], rows, numeric={2})
+    page.add(_change(decision.get("change")))
 
 
 def render_drift(doc: dict[str, Any], out: str | Path) -> Path:
