@@ -201,6 +201,14 @@ CASES: dict[str, tuple[Argv, str]] = {
     # other bad input, already refused in one line
     "train-unknown-preset": ("train --preset huge --out {tmp}/r", "unknown preset 'huge'"),
     "study-unknown-preset": ("study --preset huge --out {tmp}/r", "unknown study preset 'huge'"),
+    "train-keep-nothing": (
+        "train --preset sparse --set train.weight_keep=0 --out {tmp}/r",
+        "train.weight_keep must be a number in (0, 1]",
+    ),
+    "train-anneal-backwards": (
+        "train --preset sparse --set train.keep_anneal=[0.5,0.1] --out {tmp}/r",
+        "train.keep_anneal must be two fractions",
+    ),
     "patch-no-items": (
         "patch --model {run} --task quote --n-items 0 --out {tmp}/o",
         "--n-items must be a positive",
