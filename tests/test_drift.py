@@ -52,6 +52,55 @@ def test_decoder_matching_finds_a_permuted_copy_and_not_a_stranger():
     assert sum(stranger["histogram"]["counts"]) == 64
 
 
+def _learned(truth: torch.Tensor, order: torch.Tensor, seed: int) -> SparseAutoencoder:
+    """An SAE whose decoder is the true dictionary in another order, each direction learned
+    with an error (cosine about 0.9 to the truth), as an SAE from another seed would be."""
+    g = torch.Generator().manual_seed(seed)
+    sae = SparseAutoencoder(truth.shape[1], truth.shape[0], 4, site="blocks.0.resid_post")
+    noise = torch.randn(truth.shape, generator=g) / truth.shape[1] ** 0.5
+    sae.W_dec.data = torch.nn.functional.normalize(truth + 0.5 * noise, dim=1)[order]
+    return sae
+
+
+def _truth(n=256, d=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1)
+
+
+def _order(n, seed):
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+
+
+def test_an_unchanged_dictionary_calls_features_vanished_at_about_the_null_rate():
+    truth = _truth()
+    base, seed2 = _learned(truth, torch.arange(256), 1), _learned(truth, _order(256, 2), 2)
+    rates = []
+    for rep in range(5):  # fine-tuned SAEs of an unchanged model: other seeds, other orders
+        tuned = _learned(truth, _order(256, 10 + rep), 10 + rep)
+        m = drift.decoder_matching(base, tuned, null=seed2)
+        test = m["vanish_test"]
+        assert test["expected_rate"] == 0.05 and test["expected_vanished"] == 0.05 * 256
+        rates += [test["vanished_rate"], test["appeared_rate"]]
+    assert np.mean(rates) <= 0.08 and max(rates) <= 0.12  # about the 5% the null gives
+
+
+def test_planted_removed_features_vanish_and_new_ones_appear():
+    truth = _truth()
+    removed = torch.arange(0, 256, 8)  # 32 features the fine-tuning replaced
+    changed = truth.clone()
+    changed[removed] = _truth(32, seed=5)
+    base, seed2 = _learned(truth, torch.arange(256), 1), _learned(truth, _order(256, 2), 2)
+    order = _order(256, 3)
+    m = drift.decoder_matching(base, _learned(changed, order, 3), null=seed2)
+    found = set(m["vanished"]) & set(removed.tolist())
+    assert len(found) >= 30 and len(m["vanished"]) <= 32 + 0.1 * 224
+    new_positions = set(torch.argsort(order)[removed].tolist())  # where they sit in the SAE
+    assert len(set(m["appeared"]) & new_positions) >= 30
+    best = np.asarray(m["best_match"]["base"])
+    assert best[m["vanished"][0]] == best[m["vanished"]].min()  # most vanished first
+    assert m["vanish_test"]["threshold_vanished"] > 0.6
+
+
 @pytest.fixture(scope="module")
 def tiny(python_run):
     adapter = load_model(python_run)
@@ -125,9 +174,13 @@ def test_drift_command_writes_a_valid_result_and_page(python_run, finetuned_run,
     sae = doc["sae"]
     assert sae["seed_baseline"] is not None and sae["transfer"]["base_sae"]["skip_positions"] == 1
     assert len(sae["matching"]["match"]) == 256
+    test = sae["matching"]["vanish_test"]  # against the second base SAE --train-sae trains
+    assert test["expected_rate"] == 0.05 and 0 <= test["vanished_rate"] <= 1
+    assert len(sae["matching"]["vanished"]) == round(test["vanished_rate"] * 256)
     assert (out / "sae_before" / "cfg.json").is_file()
     page = (out / "index.html").read_text()
     assert "fig-neuron_matching" in page and "fig-sae_matching" in page
+    assert "quantile of best matches between two base SAEs" in page
     if CHROMIUM is None:
         pytest.skip("chromium is not installed (apt-get install -y chromium)")
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",

@@ -30,14 +30,18 @@ examples:
 
 An mlp_hidden site's neurons are matched by activation correlation on the same tokens. With
 SAEs (--sae-before/--sae-after, or --train-sae to train one per model) their features are
-matched by decoder cosine (Hungarian; matched at cosine >= 0.7), the base SAE is spliced into
-the fine-tuned model, and the vanished and appeared features get dashboards. Every layer's
-CKA before vs after, and the decision-quality protocol on both models (--ex-per-dim tokens
-per dimension; --no-observe skips it) complete the report. The signal's change is a paired
-test: the difference of the two headlines with an interval over the test documents (the same
-documents resampled for both models) and the probes' training (their seeds), a two-sided
-p-value at --level, and a verdict: fell or rose (changed), kept (not changed, and the
-interval within --kept-margin of 0) or unclear (too uncertain to tell)."""
+matched by decoder cosine (Hungarian; matched at cosine >= 0.7); a feature vanished (or
+appeared) when its best match in the other SAE is below the 5% quantile of best matches
+between two SAEs of the base model from different seeds (--train-sae trains that second one;
+given SAEs fall back to cosine 0.7, with no rate expected under a null). The base SAE is
+spliced into the fine-tuned model, and the vanished and appeared features get dashboards.
+Every layer's CKA before vs after, and the decision-quality protocol on both models
+(--ex-per-dim tokens per dimension; --no-observe skips it) complete the report. The
+signal's change is a paired test: the difference of the two headlines with an interval over
+the test documents (the same documents resampled for both models) and the probes' training
+(their seeds), a two-sided p-value at --level, and a verdict: fell or rose (changed), kept
+(not changed, and the interval within --kept-margin of 0) or unclear (too uncertain to
+tell)."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -134,7 +138,7 @@ def _sae_drift(args, models, saes, windows: Windows, held_out: Windows) -> dict[
     from nnobs.features.drift import decoder_matching, sae_transfer
     from nnobs.features.sources import SAESource, SubsetSource
 
-    matching = decoder_matching(saes[0], saes[1])
+    matching = decoder_matching(saes[0], saes[1], null=saes[2] if len(saes) == 3 else None)
     baseline = None
     if len(saes) == 3:
         seeds = decoder_matching(saes[0], saes[2])

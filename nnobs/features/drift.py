@@ -5,8 +5,10 @@
   one (the Hungarian algorithm on −correlation). A neuron keeps its role when its match is its
   own index with a high correlation.
 - **SAE features**: the two models' dictionaries are matched one to one by decoder cosine
-  (Hungarian); a base feature whose match is below the threshold (0.7) *vanished*, a
-  fine-tuned feature without a match above it *appeared*.
+  (Hungarian; the fraction matched at cosine >= 0.7). A base feature *vanished* when its best
+  match in the fine-tuned SAE is below what two SAEs of the base model from different seeds
+  give (the 5% quantile of their best matches); a fine-tuned feature *appeared* likewise
+  (:func:`vanish_test`).
 - **SAE transfer**: the base model's SAE spliced into the fine-tuned model, against the
   fine-tuned model's own SAE: variance explained (the first positions of each window left out,
   whose norms are outliers) and the loss with each reconstruction spliced in.
@@ -42,6 +44,7 @@ from nnobs.observe.signal import ensemble_score, fit_seed_probes, pcorr
 from nnobs.observe.splits import SplitData, model_trained_on
 
 MATCH_THRESHOLD = 0.7
+VANISH_LEVEL = 0.05
 HISTOGRAM_EDGES = np.linspace(-1.0, 1.0, 41)
 
 
@@ -120,20 +123,65 @@ def neuron_drift(corr: np.ndarray) -> dict[str, Any]:
     }
 
 
-def decoder_matching(base: SparseAutoencoder, tuned: SparseAutoencoder) -> dict[str, Any]:
-    """Dictionary features matched by decoder cosine (Hungarian); vanished base features and
-    appeared fine-tuned features are those without a match at :data:`MATCH_THRESHOLD`."""
-    if base.d_in != tuned.d_in:
-        raise NnobsError(f"the SAEs read {base.d_in} and {tuned.d_in}-wide activations")
-    a = torch.nn.functional.normalize(base.W_dec.detach().float().cpu(), dim=1)
-    b = torch.nn.functional.normalize(tuned.W_dec.detach().float().cpu(), dim=1)
-    cos = (a @ b.T).numpy()
-    matching = hungarian(cos)
-    similarity = np.nan_to_num(np.asarray(matching["similarity"], dtype=float), nan=-1.0)
-    vanished = np.flatnonzero(similarity < MATCH_THRESHOLD)
-    good = set(np.asarray(matching["match"])[similarity >= MATCH_THRESHOLD].tolist())
-    appeared = [j for j in range(tuned.d_sae) if j not in good]
-    return {**matching, "vanished": vanished.tolist(), "appeared": appeared}
+def decoder_cosines(a: SparseAutoencoder, b: SparseAutoencoder) -> np.ndarray:
+    """(a's features, b's features) cosine between their decoder directions."""
+    if a.d_in != b.d_in:
+        raise NnobsError(f"the SAEs read {a.d_in} and {b.d_in}-wide activations")
+    unit = [torch.nn.functional.normalize(s.W_dec.detach().float().cpu(), dim=1) for s in (a, b)]
+    return (unit[0] @ unit[1].T).numpy()
+
+
+def vanish_test(
+    cos: np.ndarray, null_cos: np.ndarray | None, level: float = VANISH_LEVEL
+) -> dict[str, Any]:
+    """Base features (rows of ``cos``) that vanished and fine-tuned ones (columns) that
+    appeared, most extreme first.
+
+    A feature's statistic is its best match (largest cosine) in the other dictionary. With
+    ``null_cos`` (the base SAE against a second base SAE trained from another seed: the null
+    "same model, another SAE seed"), a base feature vanished when its best match is below the
+    ``level`` quantile of the null's best matches of base features, and a fine-tuned feature
+    appeared when its best match is below that quantile of the second SAE's features' best
+    matches in the base SAE; under the null each feature is called with probability about
+    ``level``, the rate reported as expected. Without a null, the fixed
+    :data:`MATCH_THRESHOLD` is used and no rate can be stated."""
+    best = {"vanished": cos.max(axis=1), "appeared": cos.max(axis=0)}
+    if null_cos is None:
+        limits = dict.fromkeys(best, MATCH_THRESHOLD)
+    else:
+        null_best = {"vanished": null_cos.max(axis=1), "appeared": null_cos.max(axis=0)}
+        limits = {k: float(np.quantile(null_best[k], level)) for k in best}
+    called = {k: np.flatnonzero(best[k] < limits[k]) for k in best}
+    out: dict[str, Any] = {k: v[np.argsort(best[k][v])].tolist() for k, v in called.items()}
+    out["best_match"] = {"base": best["vanished"].tolist(), "tuned": best["appeared"].tolist()}
+    out["vanish_test"] = None
+    if null_cos is not None:
+        out["vanish_test"] = {
+            "null": "two SAEs of the base model trained from different seeds",
+            "level": level,
+            "threshold_vanished": limits["vanished"],
+            "threshold_appeared": limits["appeared"],
+            "vanished_rate": len(called["vanished"]) / cos.shape[0],
+            "appeared_rate": len(called["appeared"]) / cos.shape[1],
+            "expected_rate": level,
+            "expected_vanished": level * cos.shape[0],
+            "expected_appeared": level * cos.shape[1],
+        }
+    return out
+
+
+def decoder_matching(
+    base: SparseAutoencoder,
+    tuned: SparseAutoencoder,
+    null: SparseAutoencoder | None = None,
+    level: float = VANISH_LEVEL,
+) -> dict[str, Any]:
+    """Dictionary features matched one to one by decoder cosine (Hungarian), and the features
+    that vanished or appeared, tested against ``null``, a second SAE of the base model from
+    another seed (:func:`vanish_test`)."""
+    cos = decoder_cosines(base, tuned)
+    null_cos = decoder_cosines(base, null) if null is not None else None
+    return {**hungarian(cos), **vanish_test(cos, null_cos, level)}
 
 
 def sae_transfer(

@@ -63,13 +63,32 @@ def _baseline(baseline: dict[str, Any] | None) -> str:
     )
 
 
+def _vanish_test(m: dict[str, Any]) -> str:
+    test = m.get("vanish_test")
+    counts = f"{len(m['vanished'])} vanished, {len(m['appeared'])} appeared"
+    if test is None:
+        return (
+            f" {counts} (best match in the other SAE below cosine {m['threshold']}: a fixed "
+            "threshold, not a test; no second base SAE was trained to give a null)."
+        )
+    return (
+        f" {counts} ({test['vanished_rate']:.1%} and {test['appeared_rate']:.1%}): a feature "
+        f"vanished when its best match in the fine-tuned SAE is below "
+        f"{test['threshold_vanished']:.3f}, the {test['level']:.0%} quantile of best matches "
+        f"between two base SAEs of different seeds (appeared: below "
+        f"{test['threshold_appeared']:.3f}, likewise). Under that null — same model, another "
+        f"SAE seed — {test['expected_rate']:.0%} of the features are called "
+        f"({test['expected_vanished']:.1f} and {test['expected_appeared']:.1f} expected)."
+    )
+
+
 def _sae(page: Page, sae: dict[str, Any]) -> None:
     m, transfer = sae["matching"], sae["transfer"]
     page.add(
         f"<h2>SAE features</h2><p>Matched one to one by decoder cosine: "
         f"{m['fraction_matched']:.1%} of the base features at cosine ≥ {m['threshold']} "
-        f"(median {number(m['median'])}); {len(m['vanished'])} vanished, "
-        f"{len(m['appeared'])} appeared.{_baseline(sae['seed_baseline'])}</p>"
+        f"(median {number(m['median'])}).{_baseline(sae['seed_baseline'])}"
+        f"{_vanish_test(m)}</p>"
     )
     page.figure(
         "sae_matching",
