@@ -33,7 +33,6 @@ from nnobs.measure import stats
 from nnobs.measure.nulltest import replicate_sd
 
 KEPT_MARGIN = 0.05
-VERDICTS = ("kept", "fell", "rose", "unclear")
 
 
 @dataclass
