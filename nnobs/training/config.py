@@ -163,8 +163,9 @@ class TrainConfig:
 
     @property
     def sparse(self) -> bool:
-        """Whether the weights are made sparse after every step."""
-        return self.weight_keep < 1 or self.min_nonzero > 0
+        """Whether the weights are made sparse after every step (``min_nonzero`` alone
+        keeps everything: a floor only matters below a full matrix)."""
+        return self.weight_keep < 1
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
