@@ -146,8 +146,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     ex_per_dim = args.ex_per_dim or (QUICK_EX_PER_DIM if args.quick else 350)
-    # The reference's label, so the pcorr comparison checks the implementation, not the label
-    # choice (bench_calibration.py compares the labels).
+    # The reference's label (nnobs's default too), so the pcorr comparison checks the
+    # implementation, not the label choice (bench_calibration.py compares the labels).
     settings = ObserveSettings(ex_per_dim=ex_per_dim, label="reference")
     adapter = load_model(args.model, device=args.device)
     corpus = load_corpus(args.corpus)

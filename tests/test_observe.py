@@ -60,8 +60,8 @@ def test_observe_a_trained_run_end_to_end(tiny_run, tmp_path, capsys):
     lo, hi = head["ensemble_ci95"]
     assert lo <= head["ensemble"] <= hi
     assert "training documents" in head["interval"] and head["ensemble_sd"] > 0
-    assert set(head["by_label"]) == {"rank", "reference"} and head["label"] == "rank"
-    assert head["by_label"]["rank"] == head["ensemble"]
+    assert set(head["by_label"]) == {"rank", "reference"} and head["label"] == "reference"
+    assert head["by_label"]["reference"] == head["ensemble"]
     assert set(doc["controls"]["pcorr"]) == {
         "none", "softmax_only", "norm_only", "standard", "plus_entropy", "nonlinear"
     }  # fmt: skip

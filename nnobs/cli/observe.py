@@ -81,10 +81,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--label",
-        choices=["rank", "reference"],
-        default="rank",
-        help="the probe's target: the sign of the rank residual pcorr correlates (rank), or "
-        "of the reference method's OLS residual on raw values (reference)",
+        choices=["reference", "rank"],
+        default="reference",
+        help="the probe's target: the sign of the reference method's OLS residual of loss on "
+        "raw max softmax and norm (reference, the default), or of the rank residual pcorr "
+        "correlates (rank); the result records the headline under both",
     )
     parser.add_argument(
         "--sampling",

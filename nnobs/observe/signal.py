@@ -2,12 +2,11 @@
 
 - *label*: the token is worse than confidence predicts, i.e. a residual of loss given max
   softmax and the layer's activation norm is positive (fit on the probe's training tokens, per
-  layer since ``norm`` is that layer's). ``label="rank"`` (the default) takes the residual of
-  loss's rank on the covariates' ranks: the very residual pcorr correlates, so the probe is
-  trained on what it is scored on. ``label="reference"`` is the reference method's OLS of raw
-  loss on raw ``max_softmax + norm + 1``; loss is convex in max softmax, so that fit sits near
-  0 for confident tokens and labels most of them positive: the probe then partly learns
-  confidence, which pcorr's controls remove.
+  layer since ``norm`` is that layer's). ``label="reference"`` (the default, chosen by the
+  calibration benchmark) is the reference method's OLS of raw loss on raw
+  ``max_softmax + norm + 1``; loss is convex in max softmax, so that fit sits near 0 for
+  confident tokens and labels most of them positive. ``label="rank"`` takes the residual of
+  loss's rank on the covariates' ranks: the very residual pcorr correlates.
 - *pcorr*: partial Spearman correlation between a probe's score and loss, controlling for max
   softmax and the layer's activation norm.
 """
@@ -21,7 +20,7 @@ import numpy as np
 
 from nnobs.measure import stats
 from nnobs.measure.probes import LinearProbe, fit_resampled
-from nnobs.observe.settings import ObserveSettings
+from nnobs.observe.settings import DEFAULT_LABEL, ObserveSettings
 from nnobs.observe.splits import SplitData
 
 
@@ -34,7 +33,7 @@ def pcorr(score: np.ndarray, data: SplitData, site: str, *extra: np.ndarray) -> 
     return float(values[0]) if np.ndim(score) == 1 else [float(v) for v in values]
 
 
-def residual_labels(train: SplitData, site: str, label: str = "rank") -> np.ndarray:
+def residual_labels(train: SplitData, site: str, label: str = DEFAULT_LABEL) -> np.ndarray:
     """The probe's label: loss residualised on (max softmax, norm) is positive (module
     docstring; ``label`` is ``"rank"`` or ``"reference"``)."""
     cov, loss = train.covariates(site), train.cap.loss
@@ -44,7 +43,7 @@ def residual_labels(train: SplitData, site: str, label: str = "rank") -> np.ndar
 
 
 def fit_probe(
-    train: SplitData, site: str, seed: int, resample: bool, device: str, label: str = "rank"
+    train: SplitData, site: str, seed: int, resample: bool, device: str, label: str = DEFAULT_LABEL
 ) -> LinearProbe:
     """One probe of the label at ``site`` (``resample``: on a bootstrap resample of documents)."""
     probe = LinearProbe(seed=seed, resample=resample, device=device)
@@ -53,7 +52,7 @@ def fit_probe(
 
 
 def fit_seed_probes(
-    train: SplitData, site: str, seeds: Sequence[int], device: str, label: str = "rank"
+    train: SplitData, site: str, seeds: Sequence[int], device: str, label: str = DEFAULT_LABEL
 ) -> list[LinearProbe]:
     """One probe per seed, each fit to a bootstrap resample of the training documents."""
     labels = residual_labels(train, site, label)
