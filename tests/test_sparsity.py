@@ -177,3 +177,29 @@ def test_sigkill_then_resume_of_a_sparse_run_is_bit_identical(tmp_path):
          "--set", "train.grad_rms_clip=1.0", "--set", "train.lr_keep_scaling=true",
          "--set", "train.keep_anneal=[0.05,0.5]"],
     )  # fmt: skip
+
+
+def test_activation_sparsity_keeps_a_quarter_of_the_channels_at_every_location():
+    from nnobs.models.adapter import nnobs_adapter
+    from nnobs.models.transformer import Transformer
+
+    mc = SPARSE_MC.replace(act_keep=0.25)
+    assert "act_keep" not in SPARSE_MC.to_dict() and mc.hash != SPARSE_MC.hash
+    model = Transformer(mc, generator=torch.Generator().manual_seed(0)).eval()
+    dense = Transformer(SPARSE_MC, generator=torch.Generator().manual_seed(0)).eval()
+    ids = torch.randint(0, 257, (2, 16), generator=torch.Generator().manual_seed(1))
+    _, cache = nnobs_adapter(model).run_with_cache(
+        ids, ["blocks.0.mlp_hidden", "blocks.1.attn_out", "blocks.1.mlp_out"]
+    )
+    for site, x in cache.items():
+        assert ((x != 0).sum(-1) == round(0.25 * x.shape[-1])).all(), site
+    seen = {}
+    model.blocks[0].attn.q_proj.register_forward_hook(lambda m, i, o: seen.update(x=i[0]))
+    model(ids)
+    assert ((seen["x"] != 0).sum(-1) == 8).all()  # the normed input: 8 of 32 channels
+    assert not torch.equal(model(ids), dense(ids))
+    loss, _ = model.training_loss(ids[:, :-1], ids[:, 1:])
+    loss.backward()
+    assert torch.isfinite(loss) and model.blocks[0].mlp.up.weight.grad.abs().sum() > 0
+    with pytest.raises(NnobsError, match="model.act_keep must be a number in"):
+        SPARSE_MC.replace(act_keep=0)

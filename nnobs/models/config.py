@@ -31,7 +31,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 # Knobs whose unset value (None) is not written (see ModelConfig.to_dict).
-LATER_KNOBS = frozenset({"d_head", "attnres_blocks"})
+LATER_KNOBS = frozenset({"d_head", "attnres_blocks", "act_keep"})
 
 
 @dataclass
@@ -46,6 +46,9 @@ class ModelConfig:
     from block ``aux_layer`` through the final norm and unembedding.
     ``residual="attnres"`` routes each sublayer's input over depth sources grouped into
     ``attnres_blocks`` blocks (default: one per layer; see :mod:`nnobs.models.attnres`).
+    ``act_keep`` keeps, per token, that fraction of the largest-magnitude channels at every
+    sublayer input and output, the MLP neurons and q, k, v (activation sparsity; see
+    :mod:`nnobs.models.activation_sparsity`).
     """
 
     vocab_size: int = 4096
@@ -67,6 +70,7 @@ class ModelConfig:
     aux_weight: float = 0.0
     d_head: int | None = None
     attnres_blocks: int | None = None
+    act_keep: float | None = None
 
     def __post_init__(self) -> None:
         for knob, allowed in CHOICES.items():
@@ -87,6 +91,8 @@ class ModelConfig:
             check_int("model.d_head", self.d_head, 1)
         if self.attnres_blocks is not None:
             check_int("model.attnres_blocks", self.attnres_blocks, 1)
+        if self.act_keep is not None:
+            check_number("model.act_keep", self.act_keep, 0, 1, open_low=True)
         self._check_shapes()
 
     def _check_shapes(self) -> None:

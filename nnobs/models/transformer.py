@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nnobs.models.activation_sparsity import keep_top_channels
 from nnobs.models.attnres import AttnResidual
 from nnobs.models.config import ModelConfig
 from nnobs.models.hooks import HookPoint
@@ -75,16 +76,21 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.d_model, self.n_kv * self.d_head, bias=config.bias)
         self.o_proj = nn.Linear(self.n_heads * self.d_head, config.d_model, bias=config.bias)
         self.rope = config.positions == "rope"
+        self.act_keep = config.act_keep
         self.hook_pattern = HookPoint()
         self.hook_head_out = HookPoint()
+
+    def projections(self) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
+        return self.q_proj, self.k_proj, self.v_proj
 
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None
     ) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.d_head).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.n_kv, self.d_head).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.n_kv, self.d_head).transpose(1, 2)
+        q, k, v = (keep_top_channels(p(x), self.act_keep) for p in self.projections())
+        q = q.view(b, t, self.n_heads, self.d_head).transpose(1, 2)
+        k = k.view(b, t, self.n_kv, self.d_head).transpose(1, 2)
+        v = v.view(b, t, self.n_kv, self.d_head).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if self.n_kv != self.n_heads:
@@ -112,11 +118,12 @@ class MLP(nn.Module):
         self.gate = nn.Linear(config.d_model, width, bias=config.bias) if self.gated else None
         self.down = nn.Linear(width, config.d_model, bias=config.bias)
         self.act = {"relu": F.relu, "gelu": F.gelu, "swiglu": F.silu}[config.activation]
+        self.act_keep = config.act_keep
         self.hook_hidden = HookPoint()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden = self.act(self.gate(x)) * self.up(x) if self.gated else self.act(self.up(x))
-        return self.down(self.hook_hidden(hidden))
+        return self.down(self.hook_hidden(keep_top_channels(hidden, self.act_keep)))
 
 
 class ResidualPath(nn.Module):
@@ -181,6 +188,7 @@ class Block(nn.Module):
         self.norm1, self.norm2 = make_norm(config), make_norm(config)
         self.attn = Attention(config)
         self.mlp = MLP(config, config.mlp_widths[layer])
+        self.act_keep = config.act_keep
         self.hook_resid_pre = HookPoint()
         self.hook_attn_out = HookPoint()
         self.hook_resid_mid = HookPoint()
@@ -210,7 +218,8 @@ class Block(nn.Module):
         sources: list[torch.Tensor] | None,
     ) -> torch.Tensor:
         h = self.residual.read(x, sources)
-        out = hook(fn(norm(h) if self.pre else h))
+        sub_in = keep_top_channels(norm(h) if self.pre else h, self.act_keep)
+        out = hook(keep_top_channels(fn(sub_in), self.act_keep))
         if sources is not None:
             sources.append(out)
         x = self.residual.write(x, out)
