@@ -110,6 +110,7 @@ KNOBS = {
     "gqa": {"n_kv_heads": 2},
     "bottleneck": {"d_mlp": [128, 8]},
     "aux": {"aux_layer": 0, "aux_weight": 0.5},
+    "act_sparse": {"act_keep": 0.25},
 }
 
 
