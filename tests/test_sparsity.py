@@ -203,3 +203,31 @@ def test_activation_sparsity_keeps_a_quarter_of_the_channels_at_every_location()
     assert torch.isfinite(loss) and model.blocks[0].mlp.up.weight.grad.abs().sum() > 0
     with pytest.raises(NnobsError, match="model.act_keep must be a number in"):
         SPARSE_MC.replace(act_keep=0)
+
+
+def test_attention_sinks_let_a_head_attend_to_nothing():
+    from nnobs.models.adapter import nnobs_adapter
+    from nnobs.models.transformer import Transformer
+
+    mc = SPARSE_MC.replace(attn_sinks=True, positions="none")
+    assert mc.to_dict()["attn_sinks"] and "attn_sinks" not in SPARSE_MC.to_dict()
+    model = Transformer(mc, generator=torch.Generator().manual_seed(0)).eval()
+    assert model.pos_emb is None and model.blocks[0].attn.sink.shape == (4,)
+    plain = Transformer(mc.replace(attn_sinks=None), generator=torch.Generator().manual_seed(0))
+    plain.eval()
+    ids = torch.randint(0, 257, (2, 12), generator=torch.Generator().manual_seed(1))
+    sites = ["blocks.0.attn_pattern", "blocks.0.head_out"]
+    with torch.no_grad():
+        for block in model.blocks:  # a sink no key can outbid: the plain model exactly
+            block.attn.sink.fill_(-1e4)
+        _, cache = nnobs_adapter(model).run_with_cache(ids, sites)
+        torch.testing.assert_close(model(ids), plain(ids))
+        assert torch.allclose(cache["blocks.0.attn_pattern"].sum(-1), torch.ones(2, 4, 12))
+        model.blocks[0].attn.sink[1] = 1e4  # head 1 now attends to nothing
+        _, cache = nnobs_adapter(model).run_with_cache(ids, sites)
+    assert cache["blocks.0.attn_pattern"][:, 1].abs().max() < 1e-6
+    assert cache["blocks.0.head_out"][:, :, 1].abs().max() < 1e-6
+    assert cache["blocks.0.head_out"][:, :, 0].abs().max() > 1e-3
+    loss, _ = model.training_loss(ids[:, :-1], ids[:, 1:])
+    loss.backward()
+    assert model.blocks[1].attn.sink.grad is not None

@@ -111,6 +111,7 @@ KNOBS = {
     "bottleneck": {"d_mlp": [128, 8]},
     "aux": {"aux_layer": 0, "aux_weight": 0.5},
     "act_sparse": {"act_keep": 0.25},
+    "sinks_no_positions": {"attn_sinks": True, "positions": "none"},
 }
 
 

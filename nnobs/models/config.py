@@ -27,11 +27,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "norm": ("layernorm", "rmsnorm", "none"),
     "norm_placement": ("pre", "post"),
     "residual": ("add", "none", "attnres"),
-    "positions": ("learned", "rope"),
+    "positions": ("learned", "rope", "none"),
 }
 
 # Knobs whose unset value (None) is not written (see ModelConfig.to_dict).
-LATER_KNOBS = frozenset({"d_head", "attnres_blocks", "act_keep"})
+LATER_KNOBS = frozenset({"d_head", "attnres_blocks", "act_keep", "attn_sinks"})
 
 
 @dataclass
@@ -48,7 +48,10 @@ class ModelConfig:
     ``attnres_blocks`` blocks (default: one per layer; see :mod:`nnobs.models.attnres`).
     ``act_keep`` keeps, per token, that fraction of the largest-magnitude channels at every
     sublayer input and output, the MLP neurons and q, k, v (activation sparsity; see
-    :mod:`nnobs.models.activation_sparsity`).
+    :mod:`nnobs.models.activation_sparsity`). ``attn_sinks`` gives every head a learned
+    logit on an extra key slot whose value is zero, so a head can attend to nothing (its
+    ``attn_pattern`` rows then sum to less than 1); ``positions="none"`` adds no position
+    information (a causal model can still infer it).
     """
 
     vocab_size: int = 4096
@@ -71,6 +74,7 @@ class ModelConfig:
     d_head: int | None = None
     attnres_blocks: int | None = None
     act_keep: float | None = None
+    attn_sinks: bool | None = None
 
     def __post_init__(self) -> None:
         for knob, allowed in CHOICES.items():
@@ -93,6 +97,8 @@ class ModelConfig:
             check_int("model.attnres_blocks", self.attnres_blocks, 1)
         if self.act_keep is not None:
             check_number("model.act_keep", self.act_keep, 0, 1, open_low=True)
+        if self.attn_sinks is not None:
+            check_bool("model.attn_sinks", self.attn_sinks)
         self._check_shapes()
 
     def _check_shapes(self) -> None:

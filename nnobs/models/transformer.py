@@ -77,6 +77,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.d_head, config.d_model, bias=config.bias)
         self.rope = config.positions == "rope"
         self.act_keep = config.act_keep
+        # A learned logit per head on a key slot of value zero (attending to nothing).
+        self.sink = nn.Parameter(torch.zeros(self.n_heads)) if config.attn_sinks else None
         self.hook_pattern = HookPoint()
         self.hook_head_out = HookPoint()
 
@@ -96,16 +98,24 @@ class Attention(nn.Module):
         if self.n_kv != self.n_heads:
             k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
             v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
-        if self.hook_pattern._forward_hooks:
-            # Someone observes or edits the pattern: materialise it (the fused kernel never does).
+        if self.hook_pattern._forward_hooks or self.sink is not None:
+            # Someone observes or edits the pattern, or a sink takes part of it: materialise it
+            # (the fused kernel never does).
             scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.d_head)
             causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
-            pattern = self.hook_pattern(scores.masked_fill(~causal, float("-inf")).softmax(-1))
+            pattern = self.hook_pattern(self.softmax(scores.masked_fill(~causal, float("-inf"))))
             out = pattern @ v
         else:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         heads = self.hook_head_out(out.transpose(1, 2))  # (b, t, heads, d_head)
         return self.o_proj(heads.reshape(b, t, self.n_heads * self.d_head))
+
+    def softmax(self, scores: torch.Tensor) -> torch.Tensor:
+        """Attention weights over the keys; with a sink, the share it takes is left out."""
+        if self.sink is None:
+            return scores.softmax(-1)
+        sink = self.sink.view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+        return torch.cat([scores, sink.to(scores.dtype)], -1).softmax(-1)[..., :-1]
 
 
 class MLP(nn.Module):
@@ -282,7 +292,7 @@ class Transformer(nn.Module):
         return sites
 
     def _rope(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        return (self.rope_cos, self.rope_sin) if self.pos_emb is None else None
+        return (self.rope_cos, self.rope_sin) if self.config.positions == "rope" else None
 
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
         """Token ids (batch, pos) → the embedded stream (tokens plus learned positions)."""
