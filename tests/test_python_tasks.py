@@ -120,3 +120,19 @@ def test_task_loss_is_binary_cross_entropy_of_the_last_logits(tokenizers_):
     assert binary_task_loss(torch.zeros(4)).item() == pytest.approx(math.log(2))
     assert binary_task_loss(torch.full((4,), 50.0)).item() < 1e-12
     assert binary_task_loss(torch.full((4,), -50.0)).item() == pytest.approx(50.0)
+
+
+@pytest.mark.slow
+def test_a_run_trained_with_the_task_tokenizer_scores_every_task(tmp_path, monkeypatch):
+    from test_train import TC
+
+    from nnobs.models.load import load_model
+    from nnobs.training.trainer import train
+
+    monkeypatch.setenv("NNOBS_CACHE", str(tmp_path / "cache"))
+    mc = ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, max_seq_len=32)
+    train(mc, TC.replace(tokenizer="bpe_tasks", max_chars=300_000), tmp_path / "run")
+    adapter = load_model(tmp_path / "run")  # the tokenizer as the run saved it
+    for name in PYTHON_TASKS:
+        loss = task_loss(adapter, load_python_task(name, adapter.tokenizer, "heldout", n=8))
+        assert 0 < loss < 5, name
