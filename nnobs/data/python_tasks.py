@@ -16,8 +16,8 @@ tokenizer kind ``bpe_tasks`` makes every answer of :data:`PYTHON_TASKS` one toke
 Held-out items are separate from training items by construction: an item's split is a hash
 of its two prompts (one item in five is held out), and every prompt a generator writes has
 one counterpart only, so no prompt of one split is a prompt of the other, for every ``n``
-and ``seed``. Where the paper gives only a task's name, the
-definition below is the most natural reading of it, and its description says so.
+and ``seed``. Where the paper gives only a task's name, the definition here is the most
+natural reading of it; each task's ``description`` states the definition used.
 """
 
 from __future__ import annotations
@@ -48,10 +48,8 @@ _WORDS = ["hello", "name", "value", "data", "error", "path", "text", "default", 
 _FUNCS = ["f", "g", "len", "str", "int", "list", "sorted", "get", "run", "max"]
 _CLASSES = ["Node", "Parser", "Config", "Item", "Reader", "Stack", "Point", "Cache"]
 _INDENTS = ["", "    "]
-# fmt: on
-
-
 _DEFS = ["main", "load", "parse", "check", "build", "update", "handle", "process", "read", "step"]
+# fmt: on
 
 
 def _nested(rng: random.Random, *snippets: str) -> tuple[str, ...]:
