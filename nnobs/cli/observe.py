@@ -183,13 +183,19 @@ def run_trajectory(args: argparse.Namespace) -> int:
             best = r["best"]
             lo, hi = best["ensemble_ci95"]
             print(
-                f"step {r['step']:>7}  best layer {best['layer']}  pcorr {best['mean']:+.3f} "
+                f"step {r['step']:>7}  best layer {best['layer']}  pcorr {best['ensemble']:+.3f} "
                 f"[{lo:+.3f}, {hi:+.3f}]  val loss {r['val_loss'] or float('nan'):.3f}"
             )
         else:
             print(f"step {r['step']:>7}  {r['status']}: {r['note']}")
-    floor = (result["floor"] or {}).get("value")
-    print(f"\ndetection floor {floor:.3f}" if floor is not None else "\nno detection floor")
+    floor = result["floor"] or {}
+    if floor:
+        print(
+            f"\nnull (random-init, {floor['source']}) {floor['null_value']:+.3f} ± "
+            f"{floor['null_sd']:.3f}; floor {floor['value']:+.3f} at level {floor['level']:g}"
+        )
+    else:
+        print("\nno random-init null: no verdict")
     print(f"verdict: {collapse.get('verdict', 'n/a')} — {collapse.get('reason', '')}")
     print(f"wrote {out / 'trajectory.json'} (render it with: nnobs report {args.model})")
     return 0
