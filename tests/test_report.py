@@ -14,7 +14,7 @@ import pytest
 
 from nnobs.cli import main
 from nnobs.core.errors import NnobsError
-from nnobs.core.results import validate
+from nnobs.core.results import load_result, validate
 from nnobs.observe.study_config import parse_study, variant_configs
 from nnobs.observe.study_summary import assemble
 from nnobs.observe.trajectory import TrajectorySettings, observe_run
@@ -220,3 +220,15 @@ def parse_text(text: str) -> tuple[str, _Images]:
     parser = _Images()
     parser.feed(text)
     return text, parser
+
+
+def test_results_written_before_the_calibrated_null_still_render(tmp_path):
+    """Schema-1 observe and trajectory results of the default run (from before the
+    random-init null and the test-based collapse) still validate and render."""
+    fixtures = Path(__file__).parent / "fixtures" / "schema1"
+    for name in ("observe.json", "trajectory.json"):
+        assert load_result(fixtures / name)["schema_version"] == 1
+        (tmp_path / name).write_bytes((fixtures / name).read_bytes())
+    page = render_report(tmp_path, tmp_path / "report").read_text()
+    assert "older result without a calibrated null" in page
+    assert "Over training" in page and "verdict-retained" in page  # its old verdict, as written
