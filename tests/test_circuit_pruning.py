@@ -13,7 +13,7 @@ from nnobs.circuits.nodes import circuit_adapter, node_counts, node_locations
 from nnobs.circuits.prune import CircuitPruner, keep_gates, smallest_passing
 from nnobs.core.errors import NnobsError
 from nnobs.data.tasks import EncodedTask
-from nnobs.models.adapter import nnobs_adapter
+from nnobs.models.adapter import ModelAdapter, nnobs_adapter
 from nnobs.models.config import ModelConfig
 from nnobs.models.transformer import Transformer
 
@@ -211,3 +211,12 @@ def test_edges_of_a_hand_made_sparse_pattern():
     }  # fmt: skip
     with pytest.raises(NnobsError, match="not a node"):
         circuit_edges(nnobs_adapter(model), {("blocks.0.mlp_out", 9)})
+
+
+def test_models_without_the_node_sites_are_refused_in_one_line():
+    foreign = ModelAdapter(model=torch.nn.Linear(2, 2), sites={}, n_layers=1, d_model=2,
+                           vocab_size=2)  # fmt: skip
+    with pytest.raises(NnobsError, match="needs an nnobs Transformer"):
+        node_locations(foreign)
+    with pytest.raises(NnobsError, match="additive residual"):
+        circuit_edges(small_adapter(residual="none"), set())
