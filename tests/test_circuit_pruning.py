@@ -173,6 +173,7 @@ def test_pruning_finds_the_planted_circuit(ablation, tmp_path):
     pruner = CircuitPruner(lr=1e-2, steps=150, batch=32, ablation=ablation, seed=0)
     pruner.fit(adapter, planted_task(48, 0), planted_task(24, 1), reference_windows(), tmp_path)
     assert pruner.kept_ == PLANTED
+    assert pruner.active_[0] == 32 and pruner.active_[-1] == len(PLANTED)
     assert pruner.heldout_loss_ <= 0.15
     assert pruner.curve_[len(PLANTED) - 1] > 0.15  # one node fewer misses the target
     assert all(p.requires_grad for p in adapter.model.parameters())  # unfrozen again

@@ -100,7 +100,7 @@ class CircuitPruner:
     After :meth:`fit`: ``tau_`` (τ per site), ``kept_`` (the circuit: a set of
     ``(site, channel)``), ``heldout_loss_`` (the circuit's held-out task loss), ``curve_``
     (kept nodes → held-out loss, every size the bisection tried), ``locations_``, ``losses_``
-    (training objective per step).
+    (training objective per step) and ``active_`` (active nodes per step, before the step).
     """
 
     def __init__(
@@ -151,7 +151,7 @@ class CircuitPruner:
         for p, _ in frozen:
             p.requires_grad_(False)
         try:
-            self.losses_ = self._train(adapter, task_items, masks, means)
+            self.losses_, self.active_ = self._train(adapter, task_items, masks, means)
             self.tau_ = masks.tau()
             self._bisect(adapter, heldout, means)
         finally:
@@ -166,21 +166,23 @@ class CircuitPruner:
             raise NnobsError("mean ablation needs reference windows of the pretraining corpus")
         return node_means(adapter, self.locations_, reference, cache_dir)
 
-    def _train(self, adapter, task, masks: NodeMasks, means) -> list[float]:
+    def _train(self, adapter, task, masks: NodeMasks, means) -> tuple[list[float], list[int]]:
         opt = torch.optim.AdamW(masks.parameters(), lr=self.lr, weight_decay=0.0)
         rng = np.random.default_rng(self.seed)
-        losses = []
+        losses, active = [], []
         for _ in range(self.steps):
             items = rng.choice(len(task), size=min(self.batch, len(task)), replace=False)
             gates = masks.gates()
             diffs = logit_diffs(adapter, task, items, gate_edits(gates, means))
-            loss = binary_task_loss(diffs) + self.k_coef * masks.n_active(gates)
+            n_active = masks.n_active(gates)
+            loss = binary_task_loss(diffs) + self.k_coef * n_active
             opt.zero_grad()
             loss.backward()
             opt.step()
             masks.clamp_()
             losses.append(float(loss.detach()))
-        return losses
+            active.append(int(n_active.detach()))
+        return losses, active
 
     def heldout_loss(
         self,
