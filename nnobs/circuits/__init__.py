@@ -5,4 +5,11 @@ Sparse training itself is a set of train settings (:mod:`nnobs.training.sparsity
 (:mod:`nnobs.data.python_tasks`); :mod:`~nnobs.circuits.task_loss` scores a model on a task
 the way circuit pruning does: binary cross-entropy over the (correct, incorrect) logits at
 the last position.
+
+Learned circuit pruning, as a library: :mod:`~nnobs.circuits.nodes` (the node locations —
+residual reads and writes, MLP neurons, q/k/v channels — as hook sites),
+:mod:`~nnobs.circuits.masks` (one learned gate per node, pruned nodes mean- or zero-ablated),
+:mod:`~nnobs.circuits.prune` (``CircuitPruner``: train the gates, then bisect the number of
+kept nodes to the target task loss) and :mod:`~nnobs.circuits.edges` (circuit size: nonzero
+weights between kept nodes).
 """
