@@ -279,7 +279,8 @@ def verdict_statement(headline: dict[str, Any], null: dict[str, Any] | None) -> 
         "level": level,
         "statement": (
             f"the signal {verdict} above what random-init models of this architecture give "
-            f"({where}; null {null['null_mean']:+.3f} from {null['n_null']} models, floor "
+            f"({where}; null {null['null_mean']:+.3f} from {null['n_null']} "
+            f"model{'s' if null['n_null'] > 1 else ''}, floor "
             f"{floor:+.3f}, p = {p:.3g}, level {level:g})"
         ),
     }
