@@ -10,23 +10,16 @@ step 0 with the ordinary trainer, so a fine-tuning run killed part-way resumes l
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from nnobs.core.errors import NnobsError
-from nnobs.core.files import check_output_dir, write_json
+from nnobs.core.files import check_output_dir
 from nnobs.core.rundir import RunDir
 from nnobs.models.checkpoint import load_checkpoint
-from nnobs.training.checkpoint import save_checkpoint
 from nnobs.training.config import TrainConfig
-from nnobs.training.resume import write_run
-from nnobs.training.tokens import load_streams, unigram_loss
-from nnobs.training.trainer import build_optimizer
+from nnobs.training.derived import write_derived_run
+from nnobs.training.tokens import load_streams
 
 # More passes than this over the new corpus's training split is memorising it, not tuning on it.
 MAX_PASSES = 10.0
@@ -85,35 +78,5 @@ def prepare_finetune(
         "corpus": description["corpus"]["spec"],
         "passes": round(passes, 3),
     }
-    _write(out, loaded.model, tc, streams, provenance)
+    write_derived_run(out, loaded.model, loaded.config, tc, streams, "finetuned_from", provenance)
     return loaded.config, tc, provenance
-
-
-def _write(out: Path, model: torch.nn.Module, tc: TrainConfig, streams, provenance) -> None:
-    """run.json, tokenizer and checkpoint 0, assembled beside ``out`` and renamed into place."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
-    try:
-        mc = model.config
-        run = write_run(
-            tmp, mc, tc, streams, unigram_loss(streams.train, streams.validation, mc.vocab_size)
-        )
-        run["finetuned_from"] = provenance
-        write_json(RunDir(tmp).run_file, run)
-        meta = {
-            "tokenizer": run["tokenizer"],
-            "corpus": {"spec": tc.corpus, "fingerprint": streams.corpus.fingerprint},
-            "seed": tc.seed,
-            "tokens_seen": 0,
-            "val_loss": None,
-            "elapsed_s": 0.0,
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "finetuned_from": provenance,
-        }
-        save_checkpoint(tmp, 0, model, meta, build_optimizer(model, tc, torch.device("cpu")))
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -5,8 +5,6 @@ from step 0 (``nnobs train --config LARGE.toml --out DIR``)."""
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,18 +13,16 @@ from typing import Any
 import torch
 
 from nnobs.core.errors import NnobsError
-from nnobs.core.files import check_output_dir, write_json
+from nnobs.core.files import check_output_dir
 from nnobs.core.rundir import RunDir, list_checkpoints
 from nnobs.core.version import __version__
 from nnobs.models.checkpoint import load_checkpoint
 from nnobs.models.config import ModelConfig
 from nnobs.seeding.grow import GrowthPlan, grow_model, max_logit_difference
-from nnobs.training.checkpoint import save_checkpoint
 from nnobs.training.config import TrainConfig
-from nnobs.training.resume import write_run
+from nnobs.training.derived import write_derived_run
 from nnobs.training.schedule import eval_starts
-from nnobs.training.tokens import load_streams, unigram_loss
-from nnobs.training.trainer import build_optimizer
+from nnobs.training.tokens import load_streams
 
 # Logits of the grown model may differ from the small model's by float rounding only (sums
 # with extra exact zeros in them): more than this is a bug, and nothing is written.
@@ -102,41 +98,5 @@ def grow_run(
         "grow_s": round(grow_s, 4),
         "nnobs_version": __version__,
     }
-    _write_atomically(out, grown, large_model, large_train, streams, provenance)
+    write_derived_run(out, grown, large_model, large_train, streams, "grown_from", provenance)
     return provenance
-
-
-def _write_atomically(
-    out: Path,
-    grown: torch.nn.Module,
-    mc: ModelConfig,
-    tc: TrainConfig,
-    streams: Any,
-    provenance: dict[str, Any],
-) -> None:
-    """run.json, tokenizer and checkpoint 0, assembled beside ``out`` and renamed into place."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
-    try:
-        baseline = unigram_loss(streams.train, streams.validation, mc.vocab_size)
-        run = write_run(tmp, mc, tc, streams, baseline)
-        run["grown_from"] = provenance
-        write_json(RunDir(tmp).run_file, run)
-        meta = {
-            "tokenizer": run["tokenizer"],
-            "corpus": {"spec": tc.corpus, "fingerprint": streams.corpus.fingerprint},
-            "seed": tc.seed,
-            "tokens_seen": 0,
-            "val_loss": None,
-            "elapsed_s": 0.0,
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "grown_from": provenance,
-        }
-        optimizer = build_optimizer(grown, tc, torch.device("cpu"))  # fresh: no state yet
-        save_checkpoint(tmp, 0, grown, meta, optimizer)
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
