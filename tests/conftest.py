@@ -103,6 +103,24 @@ def tiny_gpt2_adapter():
 NOT_A_MESSAGE = re.compile(r"^· |\d+%\||\d+(\.\d+)?(it/s|s/it)\]")
 
 
+def train_one_and_two_processes(tmp_path: Path, args: list[str]):
+    """Train ``nnobs <args>`` in one process (``tmp_path/one``) and in two gloo processes under
+    torchrun (``tmp_path/two``); returns both run directories and torchrun's completed process."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "NNOBS_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run([sys.executable, "-m", "nnobs", *args, "--out", str(one)], env=env, check=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "nnobs.cli", *args, "--out", str(two)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    return one, two, done
+
+
 def file_snapshot(dirs: Sequence[Path]) -> dict[Path, tuple[int, int]]:
     """Size and modification time of every file under ``dirs`` (missing dirs hold none)."""
     return {

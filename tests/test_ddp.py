@@ -1,12 +1,9 @@
 """Data-parallel training on CPU: two gloo processes see the data one process would."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import safetensors.torch
 import torch
+from conftest import train_one_and_two_processes
 
 from nnobs.core.rundir import read_metrics, resolve_checkpoint
 
@@ -16,14 +13,7 @@ ARGS = ["train", "--preset", "tiny", "--no-progress", "--set", "train.steps=30",
 
 @pytest.mark.slow
 def test_two_gloo_processes_match_one(tmp_path):
-    env = {**os.environ, "NNOBS_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
-    one, two = tmp_path / "one", tmp_path / "two"
-    subprocess.run([sys.executable, "-m", "nnobs", *ARGS, "--out", str(one)], env=env, check=True)
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "nnobs.cli", *ARGS, "--out", str(two)],
-        env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    one, two, done = train_one_and_two_processes(tmp_path, ARGS)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("step 30, val loss") == 1  # only rank 0 reports
     val_one = read_metrics(one)[-1]["val_loss"]

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_train_config
+from conftest import tiny_train_config, train_one_and_two_processes
 
 from nnobs.core.errors import NnobsError
 from nnobs.models.adapter import nnobs_adapter
@@ -169,9 +169,6 @@ def test_an_interrupted_routed_run_resumes_exactly(python_corpus, nnobs_cache, t
 
 @pytest.mark.slow
 def test_a_routed_model_trains_data_parallel(tmp_path):
-    import os
-    import subprocess
-    import sys
 
     from nnobs.core.rundir import read_metrics
 
@@ -179,14 +176,7 @@ def test_a_routed_model_trains_data_parallel(tmp_path):
             "--set", "train.max_chars=60000", "--set", "train.device='cpu'",
             "--set", "model.residual='attnres'", "--set", "model.n_layers=4",
             "--set", "model.attnres_blocks=2"]  # fmt: skip
-    env = {**os.environ, "NNOBS_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
-    one, two = tmp_path / "one", tmp_path / "two"
-    subprocess.run([sys.executable, "-m", "nnobs", *args, "--out", str(one)], env=env, check=True)
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "nnobs.cli", *args, "--out", str(two)],
-        env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    one, two, done = train_one_and_two_processes(tmp_path, args)
     assert done.returncode == 0, done.stderr[-3000:]
     val_one, val_two = (read_metrics(d)[-1]["val_loss"] for d in (one, two))
     assert abs(val_one - val_two) < 1e-3, (val_one, val_two)
