@@ -5,7 +5,7 @@ Each trial builds a "trained model" capture (probe-train and test splits) and ``
 the label (``rank`` or ``reference``), the seed probes on bootstrap resamples of the training
 documents, the seed ensemble on the test split with its interval over test documents and
 probe training (:func:`nnobs.observe.stages.evaluate_on_test`), and the test against the null
-(:func:`nnobs.measure.nulltest.compare_to_null`). The verdict "above the floor" is counted.
+(:func:`nnobs.observe.null.headline_against_null`). The verdict "above the floor" is counted.
 
 The generator follows how next-token loss depends on confidence in a calibrated model: a
 token's top prediction (probability ``c`` = max softmax) is correct with probability ``c``
@@ -35,8 +35,8 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import binomtest
 
-from nnobs.measure.nulltest import compare_to_null
 from nnobs.observe.capture import Capture
+from nnobs.observe.null import headline_against_null
 from nnobs.observe.settings import ObserveSettings
 from nnobs.observe.signal import fit_seed_probes
 from nnobs.observe.splits import SplitData
@@ -106,13 +106,7 @@ def trial(seed: int, strength: float, signal: str, label: str, args, pairs) -> t
     settings = ObserveSettings(label=label, n_boot=args.n_boot, null_models=args.null_models)
     observed = headline(rng, strength, signal, settings, args, pairs)
     nulls = [headline(rng, 0.0, signal, settings, args, pairs) for _ in range(args.null_models)]
-    test = compare_to_null(
-        observed["ensemble"],
-        observed["ensemble_sd"],
-        [r["ensemble"] for r in nulls],
-        [r["ensemble_sd"] for r in nulls],
-        settings.level,
-    )
+    test = headline_against_null(observed, nulls, settings.level)
     return test["significant"], observed["ensemble"]
 
 

@@ -31,6 +31,20 @@ from nnobs.observe.stages import evaluate_on_test
 NULL_SOURCE = "random-init models of the same architecture (one per init seed)"
 
 
+def headline_against_null(
+    headline: dict[str, Any], nulls: list[dict[str, Any]], level: float
+) -> dict[str, Any]:
+    """The test of a headline record (``ensemble``, ``ensemble_sd``) against null records of
+    the same shape (:func:`nnobs.measure.nulltest.compare_to_null`)."""
+    return compare_to_null(
+        headline["ensemble"],
+        headline["ensemble_sd"],
+        [m["ensemble"] for m in nulls],
+        [m["ensemble_sd"] for m in nulls],
+        level,
+    )
+
+
 def random_init_null(
     adapter: ModelAdapter,
     docs: dict[str, list[Document]],
@@ -70,13 +84,7 @@ def random_init_null(
                 "per_seed": record["per_seed"],
             }
         )
-    test = compare_to_null(
-        headline["ensemble"],
-        headline["ensemble_sd"],
-        [m["ensemble"] for m in models],
-        [m["ensemble_sd"] for m in models],
-        settings.level,
-    )
+    test = headline_against_null(headline, models, settings.level)
     return {
         "source": NULL_SOURCE,
         "layer": layer,
