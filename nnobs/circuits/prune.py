@@ -142,6 +142,24 @@ class CircuitPruner:
         """Train the masks on ``task_items``, then bisect the circuit on ``heldout`` items.
         ``reference``: pretraining-distribution token windows the means are taken over
         (needed for mean ablation); ``cache_dir``: where the mean cache lives."""
+        means = self._fit_masks(adapter, task_items, reference, cache_dir)
+        self._bisect(circuit_adapter(adapter), heldout, means)
+        return self
+
+    def fit_masks(
+        self,
+        adapter: ModelAdapter,
+        task_items: EncodedTask,
+        reference: torch.Tensor | np.ndarray | None = None,
+        cache_dir: str | Path | None = None,
+    ) -> CircuitPruner:
+        """Train the masks only (``tau_``, ``locations_``, ``losses_``, ``active_``), without
+        bisecting: for a task no circuit is expected to reach a target on, such as a control."""
+        self._fit_masks(adapter, task_items, reference, cache_dir)
+        return self
+
+    def _fit_masks(self, adapter, task_items, reference, cache_dir) -> dict | None:
+        """Train the masks; returns the node means (None for zero ablation)."""
         self._check()
         adapter = circuit_adapter(adapter)
         self.locations_ = node_locations(adapter)
@@ -153,11 +171,10 @@ class CircuitPruner:
         try:
             self.losses_, self.active_ = self._train(adapter, task_items, masks, means)
             self.tau_ = masks.tau()
-            self._bisect(adapter, heldout, means)
         finally:
             for p, flag in frozen:
                 p.requires_grad_(flag)
-        return self
+        return means
 
     def _means(self, adapter, reference, cache_dir) -> dict[str, torch.Tensor] | None:
         if self.ablation == "zero":
