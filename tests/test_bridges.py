@@ -10,12 +10,13 @@ import pytest
 import torch
 from test_circuit_pruning import FILLERS, A, B, X, Y, planted_model, reference_windows
 
-from nnobs.circuits.bridge_edit import EditSettings, transfer_edit
+from nnobs.circuits.bridge_edit import EditSettings, circuit_channel, transfer_edit
 from nnobs.circuits.bridge_eval import evaluate_bridges
 from nnobs.circuits.bridge_loss import hybrid_logits
 from nnobs.circuits.bridge_model import Bridges, abs_top_k, bridge_sites, check_pair
 from nnobs.circuits.bridge_train import BridgeSettings, train_bridges
 from nnobs.circuits.edit_transfer import edit_test, parse_channel, sign_flip_test
+from nnobs.circuits.prune import CircuitPruner
 from nnobs.core.errors import NnobsError
 from nnobs.data.tasks import EncodedTask
 from nnobs.data.windows import make_windows
@@ -209,6 +210,19 @@ def test_the_planted_channel_transfers_and_a_channel_the_model_ignores_does_not(
     ignored = transfer_edit(*args, "blocks.0.mlp_in", 2, reference_windows(), settings)
     assert ignored["channel"]["mean_abs_delta"] == 0.0  # channel 2 is the same on both prompts
     assert ignored["test"]["verdict"] == "no_transfer"
+
+
+def test_the_default_channel_is_the_circuit_read_with_the_largest_delta():
+    model = planted_model()
+    task = planted_pairs(32, 0)
+    pruner = CircuitPruner(lr=1e-2, steps=150, batch=32, ablation="zero", seed=0)
+    site, channel, info = circuit_channel(model, task, planted_pairs(16, 1), reference_windows(),
+                                          pruner)  # fmt: skip
+    assert (site, channel) == ("blocks.0.mlp_in", 0)  # the one read node of the planted circuit
+    assert info["n_nodes"] == 4 and info["heldout_loss"] <= 0.15
+    assert [(c["site"], c["channel"]) for c in info["candidates"]] == [("blocks.0.mlp_in", 0)]
+    assert info["candidates"][0]["mean_abs_delta"] == pytest.approx(2 / 2.5)  # ±2 at the last
+    # of 2.5 tokens on average
 
 
 def test_the_sign_flip_test_holds_its_level_on_null_data_and_finds_a_planted_effect():

@@ -1,6 +1,6 @@
 """Training bridges, resumable exactly: a bridge directory and what it holds.
 
-``DIR/bridge.json`` names the two models (path, step, weights fingerprint), the settings and
+``DIR/config.json`` names the two models (path, step, weights fingerprint), the settings and
 the bridges' shape; ``DIR/checkpoints/step_NNNNNN/`` holds the bridges and AdamW's state
 (safetensors + JSON, assembled in a temporary directory and renamed into place, so a directory
 named ``step_*`` is complete); ``DIR/metrics.jsonl`` the training log; ``DIR/bridges.safetensors``
@@ -34,7 +34,7 @@ from nnobs.models.adapter import ModelAdapter
 from nnobs.training.checkpoint import optimizer_state, restore_optimizer
 
 BRIDGE_FORMAT = "nnobs-bridge/1"
-CONFIG_FILE = "bridge.json"
+CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -103,7 +103,7 @@ def bridge_config(dense: ModelAdapter, sparse: ModelAdapter, settings: BridgeSet
 
 
 def read_config(directory: Path) -> dict:
-    """A bridge directory's ``bridge.json``; refused in one line if it is not one."""
+    """A bridge directory's ``config.json``; refused in one line if it is not one."""
     config = read_json(directory / CONFIG_FILE, "bridge config")
     if config.get("format") != BRIDGE_FORMAT:
         raise NnobsError(f"{str(directory)!r} is not a bridge directory (no {BRIDGE_FORMAT})")

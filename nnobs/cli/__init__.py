@@ -30,6 +30,7 @@ COMMAND_MODULES = [
     "nnobs.cli.grow",
     "nnobs.cli.seeding",
     "nnobs.cli.routing",
+    "nnobs.cli.bridge",
     "nnobs.cli.circuits",
     "nnobs.cli.report",
 ]

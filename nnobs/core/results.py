@@ -32,6 +32,8 @@ SCHEMA_FILES = {
     "nnobs.routing": "routing.schema.json",
     "nnobs.features": "features.schema.json",
     "nnobs.drift": "drift.schema.json",
+    "nnobs.bridge": "bridge.schema.json",
+    "nnobs.bridge_edit": "bridge_edit.schema.json",
 }
 
 
