@@ -76,7 +76,8 @@ def test_a_hybrid_pass_is_the_model_continued_from_each_site():
         assert not torch.allclose(mixed[i], plain, atol=1e-3)
 
 
-SETTINGS = BridgeSettings(k=16, steps=150, batch_size=8, seq_len=16, lr=3e-2, checkpoint_every=50)
+SETTINGS = BridgeSettings(k=16, init="random", steps=150, batch_size=8, seq_len=16, lr=3e-2,
+                          checkpoint_every=50)  # fmt: skip
 
 
 @pytest.mark.parametrize("transform", ["itself", "rotated"])
@@ -101,6 +102,17 @@ def test_a_model_bridged_to_itself_or_a_linear_transform_of_itself_has_nmse_near
     if transform == "rotated":
         assert losses["dense"]["loss"]["value"] == pytest.approx(losses["sparse"]["loss"]["value"],
                                                                  abs=1e-4)  # fmt: skip
+
+
+def test_the_least_squares_start_already_joins_a_model_and_its_rotation(tmp_path):
+    dense, sparse = tiny_model(), tiny_model()
+    rotated_model(sparse.model, torch.linalg.qr(torch.randn(16, 16))[0])
+    settings = BridgeSettings(k=16, steps=1, batch_size=2, seq_len=16, lr=1e-9)
+    bridges = train_bridges(dense, sparse, tmp_path / "b", settings, progress=False,
+                            stream=token_stream())  # fmt: skip
+    result = evaluate_bridges(bridges, dense, sparse, heldout_windows(), n_boot=50)
+    for site in result["sites"]:
+        assert site["nmse_encode"]["value"] < 1e-4 and site["nmse_decode"]["value"] < 1e-4
 
 
 def rotated_model(model: Transformer, q: torch.Tensor) -> None:

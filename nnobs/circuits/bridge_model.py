@@ -61,6 +61,18 @@ def check_pair(dense: ModelAdapter, sparse: ModelAdapter, dense_name: str, spars
         )
 
 
+def least_squares(x: torch.Tensor, y: torch.Tensor, ridge: float = 1e-6):
+    """``(W, b)`` minimising ``Σ_rows ||W x + b − y||² + λ ||W||²`` with ``λ = ridge ·
+    tr(X_cᵀ X_c)`` (X_c: the centred rows; float64 normal equations)."""
+    x, y = x.double(), y.double()
+    mx, my = x.mean(0), y.mean(0)
+    xc, yc = x - mx, y - my
+    gram = xc.T @ xc
+    gram += torch.eye(len(gram), dtype=gram.dtype) * ridge * max(float(gram.trace()), 1e-12)
+    weight = torch.linalg.solve(gram, xc.T @ yc).T
+    return weight.float(), (my - weight @ mx).float()
+
+
 class Bridges(nn.Module):
     """An encoder (dense → sparse, linear + AbsTopK ``k``) and a decoder (sparse → dense,
     linear) at each of ``sites``."""
@@ -89,6 +101,21 @@ class Bridges(nn.Module):
                 f"0..{self.d_sparse - 1}"
             )
         return self.decoders[site_key(site)].weight[:, channel].detach()
+
+    @torch.no_grad()
+    def fit_linear_(
+        self, dense_acts: dict[str, torch.Tensor], sparse_acts: dict[str, torch.Tensor]
+    ) -> Bridges:
+        """Set every encoder and decoder to the least-squares linear map between the two
+        streams (rows: tokens), a tiny ridge keeping it defined: the best linear bridge before
+        AbsTopK and the hybrid passes are taken into account."""
+        for site in self.sites:
+            x, y = dense_acts[site].flatten(0, -2), sparse_acts[site].flatten(0, -2)
+            for layer, src, dst in ((self.encoders, x, y), (self.decoders, y, x)):
+                weight, bias = least_squares(src, dst)
+                layer[site_key(site)].weight.copy_(weight)
+                layer[site_key(site)].bias.copy_(bias)
+        return self
 
     def shape(self) -> dict:
         """What the weights file needs to be read back: sites, widths and k."""

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from nnobs.circuits.bridge_loss import bridge_objective, bridge_terms
 from nnobs.circuits.bridge_model import WEIGHTS_FILE, Bridges, bridge_sites, check_pair
 from nnobs.core.errors import NnobsError
-from nnobs.core.fields import check_int, check_number
+from nnobs.core.fields import check_choice, check_int, check_number
 from nnobs.core.files import append_jsonl, read_json, write_json
 from nnobs.interventions.ablation import weights_fingerprint
 from nnobs.models.adapter import ModelAdapter
@@ -36,6 +36,7 @@ from nnobs.training.checkpoint import optimizer_state, restore_optimizer
 BRIDGE_FORMAT = "nnobs-bridge/1"
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
+INITS = ("lstsq", "random")
 
 
 @dataclass(frozen=True)
@@ -44,9 +45,14 @@ class BridgeSettings:
     width); ``lm_coef``/``nmse_coef``/``kl_coef``: the objective's coefficients
     (:func:`~nnobs.circuits.bridge_loss.bridge_objective`); AdamW with ``lr`` and
     ``weight_decay``; ``steps`` of ``batch_size`` windows of ``seq_len`` tokens from the
-    ``corpus``'s training split; a checkpoint every ``checkpoint_every`` steps."""
+    ``corpus``'s training split; a checkpoint every ``checkpoint_every`` steps. ``init``:
+    ``"lstsq"`` starts every map at the least-squares linear map between the streams on
+    ``init_windows`` windows (so short training refines the best linear bridge), ``"random"``
+    at PyTorch's default initialisation."""
 
     k: int = 0
+    init: str = "lstsq"
+    init_windows: int = 32
     lm_coef: float = 1.0
     nmse_coef: float = 1.0
     kl_coef: float = 1.0
@@ -62,6 +68,8 @@ class BridgeSettings:
 
     def __post_init__(self) -> None:
         check_int("k", self.k, 0)
+        check_choice("init", self.init, INITS)
+        check_int("init_windows", self.init_windows, 1)
         for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
             check_int(name, getattr(self, name), 1)
         check_int("seq_len", self.seq_len, 2)
@@ -141,15 +149,16 @@ def training_stream(tokenizer, corpus: str) -> np.ndarray:
 
 
 def step_batch(
-    stream: np.ndarray, step: int, settings: BridgeSettings
+    stream: np.ndarray, step: int, settings: BridgeSettings, n_windows: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and targets (batch, seq_len) of step ``step``: windows at offsets drawn by a
-    generator seeded with (seed, step) alone."""
+    """Inputs and targets (batch, seq_len) of step ``step`` (step 0: the least-squares
+    initialisation's ``n_windows``): windows at offsets drawn by a generator seeded with
+    (seed, step) alone."""
     length = settings.seq_len
     if len(stream) < length + 2:
         raise NnobsError(f"the training stream has {len(stream)} tokens: fewer than one window")
     rng = np.random.default_rng([settings.seed, step])
-    starts = rng.integers(0, len(stream) - length - 1, settings.batch_size)
+    starts = rng.integers(0, len(stream) - length - 1, n_windows or settings.batch_size)
     windows = torch.from_numpy(stream[starts[:, None] + np.arange(length + 1)].astype(np.int64))
     return windows[:, :-1], windows[:, 1:]
 
@@ -249,6 +258,10 @@ def train_bridges(
     start = _resume(directory, bridges, opt)
     if stream is None:
         stream = training_stream(dense.tokenizer, settings.corpus)
+    if start == 0 and settings.init == "lstsq":
+        ids, _ = step_batch(stream, 0, settings, settings.init_windows)
+        acts = [a.run_with_cache(ids.to(a.device), bridges.sites)[1] for a in (dense, sparse)]
+        bridges.fit_linear_(*acts)
     frozen = [(p, p.requires_grad) for a in (dense, sparse) for p in a.model.parameters()]
     for p, _ in frozen:
         p.requires_grad_(False)

@@ -61,6 +61,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--seq-len", type=int, help="tokens per window (default: 128, or the models' context)"
     )
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    parser.add_argument(
+        "--init", choices=("lstsq", "random"), default="lstsq",
+        help="start from the least-squares linear maps (default) or at random",
+    )  # fmt: skip
     for name in ("lm", "nmse", "kl"):
         parser.add_argument(f"--{name}-coef", type=float, default=1.0, help=f"{name} coefficient")
     parser.add_argument("--checkpoint-every", type=int, default=100, help="steps per checkpoint")
@@ -121,9 +125,9 @@ def _settings(args: argparse.Namespace, context: int):
     if args.eval_windows < 2 or args.n_boot < 2:
         raise NnobsError("--eval-windows and --n-boot must be at least 2")
     return BridgeSettings(
-        k=args.k, lm_coef=args.lm_coef, nmse_coef=args.nmse_coef, kl_coef=args.kl_coef,
-        lr=args.lr, steps=args.steps, batch_size=args.batch_size, seq_len=seq_len,
-        corpus=args.corpus, seed=args.seed, checkpoint_every=args.checkpoint_every,
+        k=args.k, init=args.init, lm_coef=args.lm_coef, nmse_coef=args.nmse_coef,
+        kl_coef=args.kl_coef, lr=args.lr, steps=args.steps, batch_size=args.batch_size,
+        seq_len=seq_len, corpus=args.corpus, seed=args.seed, checkpoint_every=args.checkpoint_every,
     )  # fmt: skip
 
 
