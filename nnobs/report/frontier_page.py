@@ -1,0 +1,154 @@
+"""The frontier section: pretraining loss against circuit size, and the paper's two claims.
+
+Drawn from a ``nnobs.frontier`` result alone (``frontier.json``); nothing is recomputed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nnobs.report.page import Page, escape, number
+from nnobs.report.plots import plt, save_figure
+
+CLAIM_TITLES = {"sparser": "(a) sparser at a fixed width", "wider": "(b) wider at a fixed L0"}
+
+
+def _interval_text(bounds: list | None, digits: int) -> str:
+    return "—" if not bounds else f"[{bounds[0]:.{digits}f}, {bounds[1]:.{digits}f}]"
+
+
+def _errors(value: float, bounds: list | None) -> np.ndarray:
+    if not bounds:
+        return np.zeros((2, 1))
+    return np.abs(np.array(bounds, dtype=float) - value).reshape(2, 1)
+
+
+def frontier_plot(doc: dict[str, Any], path: str | Path) -> Path:
+    """Loss (y) against geometric-mean circuit edges (x, log scale), colour the total
+    parameters, marker area the L0; 95% intervals both ways; Pareto points joined."""
+    from matplotlib.colors import LogNorm
+
+    points = [p for p in doc["points"] if p["geomean_edges"] is not None]
+    fig, ax = plt.subplots(figsize=(7.0, 5.0))
+    if not points:
+        ax.text(0.5, 0.5, "no task reached by every model:\nno circuit size to plot",
+                ha="center", va="center", transform=ax.transAxes)  # fmt: skip
+        return save_figure(fig, path)
+    params = np.array([p["n_params"] for p in points], dtype=float)
+    l0 = np.array([p["l0"] for p in points], dtype=float)
+    norm = LogNorm(params.min(), max(params.max(), params.min() * 1.01))
+    cmap = plt.get_cmap("viridis")
+    sizes = 40 + 360 * np.sqrt(l0 / l0.max())
+    x = np.array([p["geomean_edges"] + 1 for p in points])
+    for p, xi, size in zip(points, x, sizes, strict=True):
+        colour = cmap(norm(p["n_params"]))
+        ci = None if p["geomean_edges_ci"] is None else [v + 1 for v in p["geomean_edges_ci"]]
+        ax.errorbar(xi, p["loss"], xerr=_errors(xi, ci), yerr=_errors(p["loss"], p["loss_ci"]),
+                    color=colour, capsize=2, linestyle="none", zorder=1)  # fmt: skip
+        ax.scatter([xi], [p["loss"]], s=size, color=colour, edgecolor="black", zorder=2)
+        ax.annotate(
+            p["name"], (xi, p["loss"]), fontsize=7, xytext=(6, 4), textcoords="offset points"
+        )
+    pareto = sorted((xi, p["loss"]) for p, xi in zip(points, x, strict=True) if p["pareto"])
+    ax.plot(*zip(*pareto, strict=True), color="grey", linestyle="--", linewidth=0.8, zorder=0)
+    ax.set_xscale("log")
+    ax.set_xlabel(
+        f"circuit size: geometric mean of edges + 1 over {len(doc['tasks']['common'])} tasks"
+    )
+    ax.set_ylabel("pretraining loss on held-out documents (nats/token)")
+    bar = fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax)
+    bar.set_label("total parameters")
+    for value in sorted({float(v) for v in (l0.min(), l0.max())}):
+        ax.scatter([], [], s=40 + 360 * np.sqrt(value / l0.max()), color="white",
+                   edgecolor="black", label=f"L0 {value:,.0f}")  # fmt: skip
+    ax.legend(fontsize=7, loc="best", labelspacing=1.5, borderpad=1.0)
+    ax.set_title(f"target task loss {doc['config']['target_loss']} nats; dashed: Pareto frontier",
+                 fontsize=9)  # fmt: skip
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def _points_table(page: Page, doc: dict[str, Any]) -> None:
+    rows = []
+    for p in doc["points"]:
+        run_losses = ", ".join(
+            f"{r['val_loss']:.3f}" for r in p["runs"] if r["val_loss"] is not None
+        )
+        rows.append([
+            escape(p["name"]), str(p["width"]), f"{p['keep']:.4f}", f"{p['n_params']:,}",
+            f"{p['l0']:,.0f}",
+            f"{number(p['geomean_edges'], 1, sign=False)} "
+            f"{_interval_text(p['geomean_edges_ci'], 1)}",
+            f"{p['loss']:.3f} {_interval_text(p['loss_ci'], 3)}", escape(run_losses or "—"),
+            "yes" if p["pareto"] else "", escape(", ".join(p["not_reached"]) or "—"),
+        ])  # fmt: skip
+    page.table(
+        ["model", "width", "kept fraction", "parameters", "L0", "circuit edges (geomean)",
+         "loss (held-out docs)", "trainer val loss", "Pareto", "tasks not reached"],
+        rows, numeric={1, 2, 3, 4, 5, 6, 7},
+    )  # fmt: skip
+
+
+def _claims(page: Page, doc: dict[str, Any]) -> None:
+    level = doc["statistics"]["level"]
+    for name, claim in doc["claims"].items():
+        verdict = escape(claim["verdict"])
+        page.add(
+            f"<h3>{escape(CLAIM_TITLES.get(name, name))}: "
+            f'<span class="verdict-{verdict}">{verdict}</span></h3>'
+            f"<p>{escape(claim['statement'])}. Circuit size: {escape(claim['edges_verdict'])}; "
+            f"loss: {escape(claim['loss_verdict'])} (level {level}).</p>"
+        )
+        if not claim["comparisons"]:
+            page.add("<p class='meta'>The grid has no pair of models this claim compares.</p>")
+            continue
+        page.table(
+            ["from", "to", "edges ratio", "p (claimed)", "Δ loss", "p (claimed)"],
+            [[escape(c["from"]), escape(c["to"]),
+              f"{number(c['edges_ratio'], 2, sign=False)} {_interval_text(c['edges_ratio_ci'], 2)}",
+              f"{c['edges_p_claimed']:.3f}",
+              f"{number(c['loss_difference'], 3)} {_interval_text(c['loss_difference_ci'], 3)}",
+              f"{c['loss_p_claimed']:.3f}"] for c in claim["comparisons"]],
+            numeric={2, 3, 4, 5},
+        )  # fmt: skip
+
+
+def render_frontier_section(page: Page, doc: dict[str, Any]) -> None:
+    """The frontier section of a report page."""
+    cfg, stats, timing = doc["config"], doc["statistics"], doc["timing"]
+    common = doc["tasks"]["common"]
+    page.add("<h2>Capability–interpretability frontier</h2>")
+    page.add(
+        f'<p class="meta">{escape(cfg.get("description", ""))} Circuits pruned to a held-out '
+        f"task loss of {cfg['target_loss']} nats for {len(doc['tasks']['all'])} tasks; "
+        f"{len(common)} reached by every model ({escape(', '.join(common) or 'none')}) are "
+        f"averaged. Loss on {stats['n_documents']} held-out documents. Intervals at "
+        f"{1 - stats['level']:.0%}: bootstrap ({stats['n_boot']} resamples) over tasks, "
+        f"documents and training seeds. Training {timing['train_seconds']:.0f} s, scoring "
+        f"{timing['eval_seconds']:.0f} s, pruning {timing['sizing_seconds']:.0f} s of compute.</p>"
+    )
+    page.figure(
+        "frontier",
+        lambda p: frontier_plot(doc, p),
+        "Pretraining loss against circuit size (log scale) for every model of the grid: colour "
+        "total parameters, marker area L0 (nonzero weights); bars are the intervals. Down and "
+        "to the left is better on both counts. Data: frontier.json.",
+    )
+    _points_table(page, doc)
+    page.add("<h3>The paper's claims</h3>")
+    page.add(
+        "<p>Supported: every comparison significant in the claimed direction; contradicted: "
+        "some comparison significant in the opposite direction (Bonferroni over comparisons); "
+        "otherwise inconclusive.</p>"
+    )
+    _claims(page, doc)
+
+
+def render_frontier(doc: dict[str, Any], out: str | Path) -> Path:
+    """Write ``out/index.html`` for a frontier result; returns its path."""
+    page = Page(Path(out), "nnobs frontier")
+    render_frontier_section(page, doc)
+    return page.write()
