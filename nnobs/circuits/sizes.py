@@ -194,13 +194,14 @@ def circuit_sizes(
     n_heldout: int = 128,
     device: str = "cpu",
     progress: bool = True,
+    desc: str = "circuit sizes",
 ) -> dict[str, Any]:
     """Circuit size of every task in ``tasks`` on the model ``run`` (checkpoint ``step``, else
     the last), one record per task in ``out/<task>.json`` (resumable). Returns the records as
     ``tasks`` (name → edges, nodes, their counts per kind, held-out and full-model losses,
     reached, seconds), ``geomean_edges`` over reached tasks, ``reached`` and ``not_reached``
     (task names), ``model`` (checkpoint, step, validation loss, node and edge totals) and
-    ``settings``."""
+    ``settings``. ``desc`` labels the progress bar."""
     from tqdm import tqdm
 
     names = check_tasks(tasks)
@@ -212,20 +213,23 @@ def circuit_sizes(
     out = Path(out)
     records = {name: _stored(out / f"{name}.json", common) for name in names}
     adapter, model_totals = None, None
-    windows: list = []
+    windows: list = []  # the reference windows, read once when the first task is pruned
 
     def means_from():
         if not windows:
             windows.append(reference_windows(adapter, info["corpus"])[0])
         return windows[0]
 
-    bar = tqdm(names, desc="circuit sizes", unit="task", disable=not progress)
+    pending = [name for name in names if records[name] is None]
+    if pending:
+        adapter, model_totals = _load(run, info["step"], device)
+        for name in pending:  # a task without single-token answers is refused before any work
+            load_python_task(name, adapter.tokenizer, "heldout", 1)
+    bar = tqdm(names, desc=desc, unit="task", disable=not progress)
     for name in bar:
         bar.set_postfix_str(name)
         if records[name] is not None:
             continue
-        if adapter is None:
-            adapter, model_totals = _load(run, info["step"], device)
         record = prune_task(adapter, name, settings, n_train, n_heldout, means_from)
         records[name] = {
             "format": SIZE_FORMAT,

@@ -17,7 +17,7 @@ from nnobs.cli.common import subcommand
 from nnobs.core.errors import NnobsError
 
 # Modules adding an action under ``nnobs circuits`` (each has ``register(actions)``).
-CIRCUIT_ACTIONS: list[str] = ["nnobs.cli.circuits_frontier"]
+CIRCUIT_ACTIONS: list[str] = ["nnobs.cli.circuits_frontier", "nnobs.cli.circuits_compare"]
 
 EPILOG = """\
 examples:

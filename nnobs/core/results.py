@@ -32,6 +32,7 @@ SCHEMA_FILES = {
     "nnobs.routing": "routing.schema.json",
     "nnobs.features": "features.schema.json",
     "nnobs.drift": "drift.schema.json",
+    "nnobs.circuits_compare": "circuits_compare.schema.json",
     "nnobs.frontier": "frontier.schema.json",
     "nnobs.circuits": "circuits.schema.json",
     "nnobs.bridge": "bridge.schema.json",

@@ -23,6 +23,7 @@ from nnobs.core.files import check_output_dir
 from nnobs.core.results import load_result
 from nnobs.core.rundir import RunDir
 from nnobs.report import plots
+from nnobs.report.circuits_compare_page import render_circuits_compare
 from nnobs.report.observe_page import render_observe_page
 from nnobs.report.page import Page, escape, interval, number, verdict_span
 from nnobs.report.routing_page import render_routing
@@ -192,6 +193,9 @@ def render_report(directory: str | Path, out_dir: str | Path | None = None) -> P
     seeding = _first(directory / "seeding.json")
     if seeding is not None:
         return render_seeding(load_result(seeding, "nnobs.seeding"), out)
+    compare = _first(directory / "compare.json")
+    if compare is not None:
+        return render_circuits_compare(load_result(compare, "nnobs.circuits_compare"), out)
     run = RunDir(directory)  # a run directory's results, or results side by side
     traj = _first(run.trajectory_file, directory / "trajectory.json")
     obs = _first(run.observe_dir / "observe.json", directory / "observe.json")
