@@ -24,6 +24,8 @@ from nnobs.models.adapter import nnobs_adapter
 from nnobs.models.config import ModelConfig
 from nnobs.models.transformer import Transformer
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def planted_setup(tmp_path):
     adapter = circuit_adapter(planted_model())

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
+from pathlib import Path
 
-from nnobs.cli.common import subcommand
+from nnobs.cli.common import load_adapter, output_dir, subcommand
 from nnobs.core.errors import NnobsError
 
 # Modules adding an action under ``nnobs circuits`` (each has ``register(actions)``).
@@ -71,13 +73,78 @@ def add_pruning_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=64, help="task items per step")
     parser.add_argument("--temperature", type=float, default=1.0, help="surrogate temperature")
     parser.add_argument("--seed", type=int, default=0, help="seed of gates, items and checks")
-    parser.add_argument("--n-train", type=int, default=256, help="task items pruning trains on")
-    parser.add_argument("--n-heldout", type=int, default=128, help="held-out task items")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--n-train", type=int, default=512, help="task items the masks train on")
+    parser.add_argument("--n-heldout", type=int, default=128, help="held-out items to bisect on")
+    parser.add_argument("--n-check", type=int, default=128, help="held-out items for the checks")
+    parser.add_argument(
+        "--n-random", type=int, default=99, help="random node sets of the necessity test (99)"
+    )
+    parser.add_argument("--level", type=float, default=0.05, help="necessity test level (0.05)")
+    parser.add_argument("--no-control", action="store_true", help="skip the nonsense control")
+    parser.add_argument(
+        "--corpus", help="corpus of the mean-ablation windows (default: the model's own)"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress messages")
+
+
+def _settings(args: argparse.Namespace):
+    from nnobs.circuits.find import CircuitSettings
+
+    return CircuitSettings(
+        target_loss=args.target_loss, ablation=args.ablation, k_coef=args.k_coef,
+        steps=args.steps, lr=args.lr, batch=args.batch, temperature=args.temperature,
+        seed=args.seed, n_train=args.n_train, n_heldout=args.n_heldout, n_check=args.n_check,
+        n_random=args.n_random, level=args.level, control=not args.no_control,
+    )  # fmt: skip
+
+
+def refuse_other_results(out: Path) -> None:
+    """Refuse an --out directory that holds a result of another kind (or a run)."""
+    if (out / "run.json").is_file():
+        raise NnobsError(f"--out {out} is a training run: write circuits to another directory")
+    for path in sorted(out.glob("*.json")) if out.is_dir() else []:
+        try:
+            schema = json.loads(path.read_text()).get("schema")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(schema, str) and schema != "nnobs.circuits":
+            raise NnobsError(
+                f"--out {out} holds a {schema} result ({path.name}): write circuits to "
+                "another directory"
+            )
 
 
 def run(args: argparse.Namespace) -> int:
+    from nnobs.circuits.find import check_model, find_circuit
+    from nnobs.circuits.result import circuits_document
+    from nnobs.circuits.sizes import reference_windows
+    from nnobs.core.files import check_output_dir
+    from nnobs.core.results import load_result, to_plain, validate, write_result
+    from nnobs.data.python_tasks import PYTHON_TASKS
+    from nnobs.report.circuits_page import draw_circuit, render_circuits
+
     missing = [f"--{name}" for name in ("model", "task", "out") if not getattr(args, name)]
     if missing:
         raise NnobsError(f"nnobs circuits needs {', '.join(missing)} (or an action)")
-    raise NnobsError("circuit pruning from the command line is not available yet")
+    if args.task not in PYTHON_TASKS:
+        raise NnobsError(f"unknown task {args.task!r}: choose one of {', '.join(PYTHON_TASKS)}")
+    out = output_dir(args.out)
+    refuse_other_results(out)
+    settings = _settings(args)
+    adapter = load_adapter(args)
+    check_model(adapter)
+    reference = info = None
+    if settings.ablation == "mean":
+        reference, info = reference_windows(
+            adapter, args.corpus or adapter.provenance.get("corpus_spec")
+        )
+    sections = find_circuit(adapter, args.task, settings, reference, progress=not args.no_progress)
+    doc = to_plain(circuits_document(sections, adapter.provenance, info))
+    validate(doc)
+    draw_circuit(doc, out / "circuit.png", out / "circuit.svg")
+    path = write_result(out / "circuits.json", doc)
+    report = check_output_dir(out / "report", "the report directory")
+    page = render_circuits(load_result(path, "nnobs.circuits"), report)
+    print(doc["verdict"]["statement"])
+    print(f"wrote {path}, {out / 'circuit.png'}, {out / 'circuit.svg'} and {page}")
+    return 0

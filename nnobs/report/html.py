@@ -2,7 +2,8 @@
 
 Works on a study directory (``study.json``), a run directory (``trajectory/trajectory.json``
 and, if present, ``observe/observe.json``), an observe directory (``observe.json``) or a
-routing directory (``routing.json``, :mod:`nnobs.report.routing_page`). The
+routing directory (``routing.json``, :mod:`nnobs.report.routing_page`) or a circuits
+directory (``circuits.json``, :mod:`nnobs.report.circuits_page`). The
 page embeds its PNG plots as data URIs, so it is a single file that can be mailed or
 archived; the PNGs are also written beside it. Everything drawn is read from the JSON
 documents, which the page names: no statistic is recomputed here.
@@ -24,6 +25,8 @@ from nnobs.core.results import load_result
 from nnobs.core.rundir import RunDir
 from nnobs.report import plots
 from nnobs.report.circuits_compare_page import render_circuits_compare
+from nnobs.report.circuits_page import render_circuits
+from nnobs.report.frontier_page import render_frontier
 from nnobs.report.observe_page import render_observe_page
 from nnobs.report.page import Page, escape, interval, number, verdict_span
 from nnobs.report.routing_page import render_routing
@@ -196,6 +199,12 @@ def render_report(directory: str | Path, out_dir: str | Path | None = None) -> P
     compare = _first(directory / "compare.json")
     if compare is not None:
         return render_circuits_compare(load_result(compare, "nnobs.circuits_compare"), out)
+    frontier = _first(directory / "frontier.json")
+    if frontier is not None:
+        return render_frontier(load_result(frontier, "nnobs.frontier"), out)
+    circuits = _first(directory / "circuits.json")
+    if circuits is not None:
+        return render_circuits(load_result(circuits, "nnobs.circuits"), out)
     run = RunDir(directory)  # a run directory's results, or results side by side
     traj = _first(run.trajectory_file, directory / "trajectory.json")
     obs = _first(run.observe_dir / "observe.json", directory / "observe.json")
