@@ -17,7 +17,7 @@ from nnobs.circuits.frontier_config import (
 )
 from nnobs.core.errors import NnobsError
 from nnobs.core.results import load_result, validate
-from nnobs.report.frontier_page import render_frontier
+from nnobs.report.html import render_report
 
 TASKS = ["while_return_true", "for_while"]
 
@@ -102,8 +102,9 @@ def test_a_micro_frontier_resumes_after_an_interruption(python_corpus, tmp_path,
     assert all(p["runs"][0]["tasks_pruned_now"] == [] for p in again["points"])
     assert [p["loss"] for p in again["points"]] == [p["loss"] for p in doc["points"]]
 
-    page = render_frontier(doc, tmp_path / "report")
-    assert (tmp_path / "report" / "frontier.png").stat().st_size > 10_000
+    page = render_report(out)  # `nnobs report DIR` renders a frontier directory
+    assert page == out / "report" / "index.html"
+    assert (out / "report" / "frontier.png").stat().st_size > 10_000
     html = page.read_text()
     assert "w32-nz2000" in html and "Capability–interpretability frontier" in html
 
