@@ -29,10 +29,10 @@ from typing import Any
 
 import numpy as np
 
-from nnobs import __version__
 from nnobs.circuits.sizes import check_tasks, checkpoint_info, circuit_sizes, pruner_settings
 from nnobs.core.errors import NnobsError
 from nnobs.core.rundir import list_checkpoints, read_meta, read_metrics
+from nnobs.core.version import __version__
 from nnobs.measure.stats import bootstrap_ci
 
 SCHEMA = "nnobs.circuits_compare"
@@ -239,6 +239,7 @@ def compare_circuits(
         "tasks": rows,
         "excluded": [r["task"] for r in rows if r["log_ratio"] is None],
         "headline": {**headline, "statement": statement(headline, len(rows), models)},
+        "pruning_seconds": sum(r[m]["seconds"] for r in rows for m in MODELS),
         "seconds": round(time.perf_counter() - start, 1),
     }
 

@@ -62,6 +62,7 @@ def edges_bars(doc: dict[str, Any], path: str | Path) -> Path:
         missed = [i for i, r in enumerate(rows) if not r[model]["reached"]]
         ax.scatter(index[missed] + offset, np.ones(len(missed)), marker="x", color=colour)
     ax.set_yscale("log")
+    ax.set_ylim(bottom=0.5)  # an empty circuit (1 on this axis) still shows a bar
     ax.set_xticks(index)
     ax.set_xticklabels([r["task"] for r in rows], rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("circuit edges + 1")
@@ -112,7 +113,8 @@ def render_circuits_compare(doc: dict[str, Any], out: str | Path) -> Path:
         f'<p class="meta">target task loss {settings["target_loss"]} nats; '
         f"{settings['n_train']} train and {settings['n_heldout']} held-out items per task; "
         f"test: {escape(head['test'])} at level {head['level']}; 95% interval: percentile "
-        f"bootstrap over tasks ({settings['n_boot']} resamples); {doc['seconds']:.0f} s.</p>"
+        f"bootstrap over tasks ({settings['n_boot']} resamples); pruning took "
+        f"{doc['pruning_seconds']:.0f} s (both models, all tasks).</p>"
     )
     page.add("<ul>" + "".join(f"<li>{escape(x)}</li>" for x in _model_lines(doc)) + "</ul>")
     page.figure(
