@@ -3,6 +3,7 @@ and resumed after an interruption (the second call trains and prunes nothing), t
 cannot reach left out of the geometric means, the result valid against its schema, the report
 and its plot written, and bad input refused."""
 
+import json
 import shutil
 
 import numpy as np
@@ -15,6 +16,7 @@ from nnobs.circuits.frontier_config import (
     matrix_params,
     parse_frontier,
 )
+from nnobs.cli import main
 from nnobs.core.errors import NnobsError
 from nnobs.core.results import load_result, validate
 from nnobs.report.html import render_report
@@ -58,7 +60,17 @@ def test_the_cpu_preset_holds_l0_fixed_across_widths():
     assert len({(p.train.steps, p.train.data_seed, p.train.batch_size) for p in points}) == 1
 
 
-def test_a_micro_frontier_resumes_after_an_interruption(python_corpus, tmp_path, monkeypatch):
+def to_toml(tables: dict) -> str:
+    """Tables of scalars and lists as TOML (JSON's literals are TOML's)."""
+    return "".join(
+        f"[{name}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in table.items())
+        for name, table in tables.items()
+    )
+
+
+def test_a_micro_frontier_resumes_after_an_interruption(
+    python_corpus, tmp_path, monkeypatch, capsys
+):
     cfg = parse_frontier(micro(python_corpus))
     out = tmp_path / "frontier"
     real = nnobs.circuits.sizes.circuit_sizes
@@ -97,12 +109,18 @@ def test_a_micro_frontier_resumes_after_an_interruption(python_corpus, tmp_path,
     assert [c["from"] for c in doc["claims"]["wider"]["comparisons"]] == ["w16-nz2000"]
     assert doc["claims"]["sparser"]["comparisons"] == []  # no two L0s at one width
 
-    again = run_frontier(cfg, out)  # a third call trains and prunes nothing
+    # a third call, from the command line, trains and prunes nothing
+    config = tmp_path / "micro.toml"
+    config.write_text(to_toml(micro(python_corpus)))
+    assert main(["circuits", "frontier", "--config", str(config), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "w32-nz2000" in printed and "claim wider: inconclusive" in printed
+    again = load_result(out / "frontier.json", "nnobs.frontier")
     assert {p["runs"][0]["status"] for p in again["points"]} == {"complete"}
     assert all(p["runs"][0]["tasks_pruned_now"] == [] for p in again["points"])
     assert [p["loss"] for p in again["points"]] == [p["loss"] for p in doc["points"]]
 
-    page = render_report(out)  # `nnobs report DIR` renders a frontier directory
+    page = render_report(out)  # what `nnobs report DIR` does with a frontier directory
     assert page == out / "report" / "index.html"
     assert (out / "report" / "frontier.png").stat().st_size > 10_000
     html = page.read_text()
