@@ -154,3 +154,16 @@ def test_circuits_end_to_end_on_a_tiny_run(python_run, nnobs_cache, tmp_path, ca
     with torch_threads(1):
         assert main(argv + ["--no-control"]) == 0
     assert load_result(out / "circuits.json")["checks"]["nonsense_control"] is None
+
+
+def test_patch_and_ablate_take_a_python_task(python_run, tmp_path, expect_refusal):
+    task = ["--task", "single_double_quote", "--n-items", "8"]
+    assert main(["ablate", "--model", str(python_run), "--site", "blocks.0.mlp_out", *task,
+                 "--out", str(tmp_path / "ablate")]) == 0  # fmt: skip
+    ablated = load_result(tmp_path / "ablate" / "ablate.json", "nnobs.interventions")
+    assert ablated["task"]["name"] == "single_double_quote" and ablated["task"]["n_items"] == 8
+    assert main(["patch", "--model", str(python_run), *task, "--no-progress",
+                 "--out", str(tmp_path / "patch")]) == 0  # fmt: skip
+    argv = ["ablate", "--model", python_run, "--site", "blocks.0.mlp_out", "--task", "with_as",
+            "--out", tmp_path / "refused"]  # fmt: skip
+    expect_refusal(argv, "' as' is ['", [tmp_path])

@@ -82,7 +82,10 @@ def add_intervention_args(parser: argparse.ArgumentParser) -> None:
 def add_task_args(parser: argparse.ArgumentParser, required: bool) -> None:
     """--task, --n-items and --align: the prompt-pair task an intervention runs on."""
     parser.add_argument(
-        "--task", required=required, help="built-in task (quote, bracket, paren, loop) or JSONL"
+        "--task",
+        required=required,
+        help="built-in task (quote, bracket, paren, loop), a Python task (e.g. "
+        "single_double_quote; see nnobs circuits --help) or a JSONL file",
     )
     parser.add_argument("--n-items", type=int, default=64, help="items of a built-in task")
     parser.add_argument(
@@ -112,11 +115,16 @@ def require_tokenizer(adapter: ModelAdapter, spec: str) -> ModelAdapter:
 def load_task_from_args(
     args: argparse.Namespace, adapter: ModelAdapter, equal_length: bool
 ) -> EncodedTask:
-    """The task named by --task, tokenized by the model's tokenizer."""
+    """The task named by --task (a built-in task, one of the 20 Python tasks or a JSONL
+    file), tokenized by the model's tokenizer."""
+    from nnobs.data.python_tasks import PYTHON_TASKS, load_python_task
     from nnobs.data.tasks import load_task
 
     if args.n_items < 1:
         raise NnobsError(f"--n-items must be a positive integer, got {args.n_items}")
+    if args.task in PYTHON_TASKS:
+        tok, n, align = adapter.tokenizer, args.n_items, args.align
+        return load_python_task(args.task, tok, n=n, equal_length=equal_length, align=align)
     return load_task(
         args.task, adapter.tokenizer, equal_length=equal_length, align=args.align, n=args.n_items
     )

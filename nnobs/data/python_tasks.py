@@ -290,10 +290,19 @@ def answers_not_single(name: str, tokenizer: Any) -> list[str]:
 
 
 def load_python_task(
-    name: str, tokenizer: Any, split: str = "train", n: int = N_ITEMS, seed: int = 0
+    name: str,
+    tokenizer: Any,
+    split: str = "train",
+    n: int = N_ITEMS,
+    seed: int = 0,
+    *,
+    equal_length: bool = False,
+    align: str | None = None,
 ) -> EncodedTask:
     """Task ``name`` encoded for ``tokenizer`` (an :class:`~nnobs.data.tasks.EncodedTask`);
-    refused in one line, naming them, if any of its answers is not a single token."""
+    refused in one line, naming them, if any of its answers is not a single token. With
+    ``equal_length`` (position-wise patching) items whose two prompts differ in token length
+    are dropped unless ``align`` says how to line them up."""
     task = python_task(name, split, n, seed)
     bad = answers_not_single(name, tokenizer)
     if bad:
@@ -304,4 +313,6 @@ def load_python_task(
             f"task {name!r} needs single-token answers, and with this tokenizer {pieces}: "
             "train the model with train.tokenizer = 'bpe_tasks'"
         )
-    return encode_task(task, tokenizer, equal_length=False, strict=True)
+    return encode_task(
+        task, tokenizer, equal_length=equal_length, align=align, strict=not equal_length
+    )
