@@ -206,3 +206,14 @@ def test_bad_command_lines_are_refused(expect_refusal, tmp_path, python_corpus):
         expect_refusal(
             ["circuits", "frontier", *argv, "--out", tmp_path / "out"], message, watch=[tmp_path]
         )
+
+
+@pytest.mark.slow
+def test_parallel_jobs_give_the_same_frontier(python_corpus, tmp_path):
+    cfg = parse_frontier(micro(python_corpus))
+    one = run_frontier(cfg, tmp_path / "one", jobs=1)
+    two = run_frontier(cfg, tmp_path / "two", jobs=2)
+    for a, b in zip(one["points"], two["points"], strict=True):
+        assert a["loss"] == b["loss"] and a["l0"] == b["l0"]
+        assert a["geomean_edges"] == b["geomean_edges"]
+        assert a["runs"][0]["tasks"] == b["runs"][0]["tasks"]

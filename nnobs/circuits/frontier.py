@@ -64,6 +64,7 @@ class Unit:
     measures_dir: Path
     cfg: FrontierConfig
     device: str = "cpu"
+    progress: bool = False  # progress bars (one unit at a time only: bars would interleave)
 
 
 def run_unit(unit: Unit) -> dict[str, Any]:
@@ -74,7 +75,7 @@ def run_unit(unit: Unit) -> dict[str, Any]:
 
     cfg, tc = unit.cfg, unit.point.train.replace(seed=unit.seed)
     start = time.perf_counter()
-    run = train(unit.point.model, tc, unit.run_dir, progress=False)
+    run = train(unit.point.model, tc, unit.run_dir, progress=unit.progress)
     trained = time.perf_counter()
     loss = document_losses(
         unit.run_dir, unit.measures_dir, corpus=tc.corpus, max_chars=tc.max_chars,
@@ -85,7 +86,7 @@ def run_unit(unit: Unit) -> dict[str, Any]:
     sizes = circuit_sizes(
         unit.run_dir, cfg.tasks, sizes_dir, target_loss=cfg.target_loss,
         pruner={"steps": cfg.prune_steps}, n_train=cfg.n_train, n_heldout=cfg.n_heldout,
-        device=unit.device, progress=False,
+        device=unit.device, progress=unit.progress,
     )  # fmt: skip
     pruned = [t for t in cfg.tasks if before.get(f"{t}.json") != _mtime(sizes_dir / f"{t}.json")]
     if run.already_complete:
@@ -125,9 +126,9 @@ def _exit_with(parent: int) -> None:
     os._exit(1)
 
 
-def _units(cfg: FrontierConfig, out: Path, device: str) -> list[Unit]:
+def _units(cfg: FrontierConfig, out: Path, device: str, progress: bool) -> list[Unit]:
     return [
-        Unit(p, s, run_dir(out, p.name, s), measures_dir(out, p.name, s), cfg, device)
+        Unit(p, s, run_dir(out, p.name, s), measures_dir(out, p.name, s), cfg, device, progress)
         for p in cfg.points()
         for s in cfg.seeds
     ]
@@ -149,14 +150,16 @@ def run_frontier(
     jobs: int = 1,
     device: str = "cpu",
     log: Callable[[str], None] = lambda _msg: None,
+    progress: bool = False,
 ) -> dict[str, Any]:
-    """Train, score and size every unit (resuming what is done) and write ``frontier.json``."""
+    """Train, score and size every unit (resuming what is done) and write ``frontier.json``;
+    ``log`` gets a line per finished unit, ``progress`` shows bars with ``jobs`` = 1."""
     from nnobs.core.results import write_result
 
     if jobs < 1:
         raise NnobsError(f"jobs must be a positive integer, got {jobs}")
     out = Path(out_dir)
-    units = _units(cfg, out, device)
+    units = _units(cfg, out, device, progress and jobs == 1)
     with lock_directory(out, "frontier directory"):
         _claim(cfg, out)
         start = time.perf_counter()

@@ -69,7 +69,9 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_frontier_config(args.preset, args.config)
     out = output_dir(args.out, Path("runs") / f"frontier-{cfg.name}")
     log = (lambda _m: None) if args.no_progress else (lambda m: print(f"· {m}", file=sys.stderr))
-    doc = run_frontier(cfg, out, jobs=args.jobs, device=args.device, log=log)
+    doc = run_frontier(
+        cfg, out, jobs=args.jobs, device=args.device, log=log, progress=not args.no_progress
+    )
     report = check_output_dir(out / "report", "the report directory")
     page = render_frontier(load_result(out / "frontier.json", "nnobs.frontier"), report)
     print(summary(doc))
