@@ -25,6 +25,7 @@ from nnobs.data.tasks import EncodedTask
 from nnobs.models.adapter import Edit, ModelAdapter
 
 Node = tuple[str, int]  # (site, channel)
+PAD_BATCH = 256  # prompts per forward pass when scoring
 
 
 def smallest_passing(
@@ -71,20 +72,24 @@ def keep_gates(
 def logit_diffs(
     adapter: ModelAdapter, task: EncodedTask, items: np.ndarray, edits: dict[str, Edit]
 ) -> torch.Tensor:
-    """``l_correct − l_incorrect`` at the last position of each chosen item's clean prompt,
-    under ``edits``, differentiable (one forward pass per prompt length)."""
-    chosen = set(items.tolist())
+    """``l_correct − l_incorrect`` at the last position of each chosen item's clean prompt, in
+    the order of ``items``, under ``edits``, differentiable. Prompts are right-padded into
+    batches of at most ``PAD_BATCH``: attention is causal and every other operation acts per
+    position, so the tokens after a prompt's end never reach its last position."""
+    rows = [int(i) for i in items]
     out = []
     with adapter.hooks(edits=edits):
-        for group in task.groups():
-            rows = [i for i in group if i in chosen]
-            if not rows:
-                continue
-            ids = torch.tensor([task.clean[i] for i in rows], device=adapter.device)
-            last = adapter.forward(ids)[:, -1].float()
-            pos = torch.arange(len(rows), device=adapter.device)
-            right = torch.tensor([task.correct[i] for i in rows], device=adapter.device)
-            wrong = torch.tensor([task.incorrect[i] for i in rows], device=adapter.device)
+        for start in range(0, len(rows), PAD_BATCH):
+            chunk = rows[start : start + PAD_BATCH]
+            lengths = torch.tensor([len(task.clean[i]) for i in chunk])
+            ids = torch.zeros(len(chunk), int(lengths.max()), dtype=torch.long)
+            for r, i in enumerate(chunk):
+                ids[r, : lengths[r]] = torch.tensor(task.clean[i])
+            device = adapter.device
+            pos = torch.arange(len(chunk), device=device)
+            last = adapter.forward(ids.to(device))[pos, lengths.to(device) - 1].float()
+            right = torch.tensor([task.correct[i] for i in chunk], device=device)
+            wrong = torch.tensor([task.incorrect[i] for i in chunk], device=device)
             out.append(last[pos, right] - last[pos, wrong])
     return torch.cat(out)
 
