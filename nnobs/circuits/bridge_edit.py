@@ -23,9 +23,11 @@ from nnobs.circuits.edit_transfer import (
     edit_test,
     mean_abs_delta,
     mean_with_interval,
+    read_deltas,
     stream_rms,
 )
 from nnobs.circuits.prune import CircuitPruner
+from nnobs.circuits.task_loss import task_loss
 from nnobs.core.errors import NnobsError
 from nnobs.core.fields import check_int, check_number
 from nnobs.core.version import __version__
@@ -70,7 +72,15 @@ def circuit_channel(
     pruner: CircuitPruner,
 ) -> tuple[str, int, dict]:
     """Prune the sparse model on the task and take the circuit's residual-read channel with the
-    largest mean |Δ| on the held-out items; also what the choice was made from."""
+    largest mean |Δ| on the held-out items; also what the choice was made from. Refused at
+    once when the whole model misses the pruner's target loss on the held-out items."""
+    full = task_loss(sparse, heldout)
+    if not full <= pruner.target_loss:
+        raise NnobsError(
+            f"the sparse model's held-out loss on {heldout.name!r} is {full:.4f} nats, above the "
+            f"circuit's target {pruner.target_loss}: no circuit reaches it (raise --target-loss "
+            "or name a channel with --channel)"
+        )
     pruner.fit(sparse, train, heldout, reference)
     reads = sorted(n for n in pruner.kept_ if n[0].rsplit(".", 1)[-1] in READ_KINDS)
     if not reads:
@@ -78,12 +88,10 @@ def circuit_channel(
             f"the pruned circuit of {train.name!r} ({len(pruner.kept_)} nodes) keeps no residual "
             "read channel: name one with --channel SITE:INDEX"
         )
+    sites = sorted({site for site, _ in reads})
+    deltas = read_deltas(sparse, heldout, sites)
     candidates = [
-        {
-            "site": site,
-            "channel": c,
-            "mean_abs_delta": mean_abs_delta(edit_items(sparse, heldout, site, c)),
-        }
+        {"site": site, "channel": c, "mean_abs_delta": float(mean_abs_delta(deltas[site])[c])}
         for site, c in reads
     ]
     best = max(candidates, key=lambda row: row["mean_abs_delta"])
@@ -144,7 +152,7 @@ def transfer_edit(
             "site": site,
             "channel": channel,
             "bridge_site": where,
-            "mean_abs_delta": mean_abs_delta(items),
+            "mean_abs_delta": float(mean_abs_delta(items.deltas)),
             "rms_sparse": rms_sparse,
             "rms_dense": rms_dense,
             "direction_norm": size,

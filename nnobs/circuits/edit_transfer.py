@@ -73,38 +73,57 @@ class EditItems:
     n_left_out: int
 
 
-def _read(adapter: ModelAdapter, site: str, channel: int, prompts: list[list[int]]) -> list:
-    out = []
-    for prompt in prompts:
-        _, cache = adapter.run_with_cache(torch.tensor([prompt], device=adapter.device), [site])
-        out.append(cache[site][0, :, channel].double().cpu().numpy())
-    return out
-
-
-def edit_items(sparse: ModelAdapter, task: EncodedTask, site: str, channel: int) -> EditItems:
-    """Δ per token at ``site``:``channel`` of the sparse model for every item whose presented
-    (clean) and counterfactual (corrupted) prompts have the same token length."""
-    sparse = circuit_adapter(sparse)
+def aligned_items(task: EncodedTask) -> list[int]:
+    """The items whose presented and counterfactual prompts have the same token length."""
     keep = [i for i in range(len(task)) if len(task.clean[i]) == len(task.corrupted[i])]
     if not keep:
         raise NnobsError(
             f"task {task.name!r} has no item whose two prompts have the same token length: "
             "Δ per token needs them aligned"
         )
-    clean = _read(sparse, site, channel, [task.clean[i] for i in keep])
-    cf = _read(sparse, site, channel, [task.corrupted[i] for i in keep])
+    return keep
+
+
+def read_deltas(
+    sparse: ModelAdapter, task: EncodedTask, sites: list[str]
+) -> dict[str, list[np.ndarray]]:
+    """Per read site, Δ = counterfactual − presented (positions × channels) for each aligned
+    item (:func:`aligned_items`, in order); one forward pass per prompt length and prompt."""
+    sparse = circuit_adapter(sparse)
+    keep = aligned_items(task)
+    out: dict[str, list] = {site: [None] * len(keep) for site in sites}
+    by_len: dict[int, list[int]] = {}
+    for row, i in enumerate(keep):
+        by_len.setdefault(len(task.clean[i]), []).append(row)
+    for rows in by_len.values():
+        values = []
+        for prompts in (task.clean, task.corrupted):
+            ids = torch.tensor([prompts[keep[r]] for r in rows], device=sparse.device)
+            values.append(sparse.run_with_cache(ids, sites)[1])
+        for site in sites:
+            delta = (values[1][site] - values[0][site]).double().cpu().numpy()
+            for j, row in enumerate(rows):
+                out[site][row] = delta[j]
+    return out
+
+
+def edit_items(sparse: ModelAdapter, task: EncodedTask, site: str, channel: int) -> EditItems:
+    """Δ per token at ``site``:``channel`` of the sparse model for every item whose presented
+    (clean) and counterfactual (corrupted) prompts have the same token length."""
+    keep = aligned_items(task)
+    deltas = read_deltas(sparse, task, [site])[site]
     return EditItems(
         ids=[task.clean[i] for i in keep],
-        deltas=[c - p for p, c in zip(clean, cf, strict=True)],
+        deltas=[d[:, channel] for d in deltas],
         presented=[task.correct[i] for i in keep],
         counterfactual=[task.incorrect[i] for i in keep],
         n_left_out=len(task) - len(keep),
     )
 
 
-def mean_abs_delta(items: EditItems) -> float:
-    """Mean |Δ| over every token of every item."""
-    return float(np.concatenate(items.deltas).__abs__().mean())
+def mean_abs_delta(deltas: list[np.ndarray]) -> np.ndarray | float:
+    """Mean |Δ| over every token of every item (per channel, for positions × channels)."""
+    return np.abs(np.concatenate(deltas)).mean(0)
 
 
 def _norm_gain(model, layer: int, kind: str, width: int) -> torch.Tensor:
