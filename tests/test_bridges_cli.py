@@ -68,6 +68,8 @@ def test_bridge_trains_reports_and_leaves_a_finished_directory_alone(
     assert main([str(a) for a in argv]) == 0
     assert "left alone" in capsys.readouterr().out
     assert file_snapshot([trained_bridge]) == before
+    assert main(["report", str(trained_bridge), "--out", str(trained_bridge.parent / "r")]) == 0
+    assert "NMSE encode" in (trained_bridge.parent / "r" / "index.html").read_text()
 
 
 def test_bridge_edit_with_a_given_channel_writes_its_curve_test_and_page(trained_bridge, capsys):
@@ -85,6 +87,8 @@ def test_bridge_edit_with_a_given_channel_writes_its_curve_test_and_page(trained
     assert doc["items"]["n_used"] + doc["items"]["n_left_out"] == doc["task"]["n_items"]
     assert (out / "index.html").is_file() and (out / "edit_curve.png").is_file()
     assert "beyond the random-channel control" in capsys.readouterr().out
+    assert main(["report", str(out), "--out", str(out / "again")]) == 0  # nnobs report reads it
+    assert "P(counterfactual answer)" in (out / "again" / "index.html").read_text()
 
 
 def test_bridge_refusals(expect_refusal, trained_bridge, python_run, other_runs, tmp_path):

@@ -2,8 +2,9 @@
 
 Works on a study directory (``study.json``), a run directory (``trajectory/trajectory.json``
 and, if present, ``observe/observe.json``), an observe directory (``observe.json``) or a
-routing directory (``routing.json``, :mod:`nnobs.report.routing_page`) or a circuits
-directory (``circuits.json``, :mod:`nnobs.report.circuits_page`). The
+routing directory (``routing.json``, :mod:`nnobs.report.routing_page`), a circuits
+directory (``circuits.json``, :mod:`nnobs.report.circuits_page`) or a bridge directory
+(``bridge.json``, or an edit's ``edit.json``: :mod:`nnobs.report.bridge_page`). The
 page embeds its PNG plots as data URIs, so it is a single file that can be mailed or
 archived; the PNGs are also written beside it. Everything drawn is read from the JSON
 documents, which the page names: no statistic is recomputed here.
@@ -24,6 +25,7 @@ from nnobs.core.files import check_output_dir
 from nnobs.core.results import load_result
 from nnobs.core.rundir import RunDir
 from nnobs.report import plots
+from nnobs.report.bridge_page import render_bridge, render_bridge_edit
 from nnobs.report.circuits_compare_page import render_circuits_compare
 from nnobs.report.circuits_page import render_circuits
 from nnobs.report.frontier_page import render_frontier
@@ -205,6 +207,12 @@ def render_report(directory: str | Path, out_dir: str | Path | None = None) -> P
     circuits = _first(directory / "circuits.json")
     if circuits is not None:
         return render_circuits(load_result(circuits, "nnobs.circuits"), out)
+    bridge = _first(directory / "bridge.json")
+    if bridge is not None:
+        return render_bridge(load_result(bridge, "nnobs.bridge"), out)
+    edit = _first(directory / "edit.json")
+    if edit is not None:
+        return render_bridge_edit(load_result(edit, "nnobs.bridge_edit"), out)
     run = RunDir(directory)  # a run directory's results, or results side by side
     traj = _first(run.trajectory_file, directory / "trajectory.json")
     obs = _first(run.observe_dir / "observe.json", directory / "observe.json")
