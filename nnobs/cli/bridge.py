@@ -65,10 +65,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--init", choices=("lstsq", "random"), default="lstsq",
         help="start from the least-squares linear maps (default) or at random",
     )  # fmt: skip
-    for name in ("lm", "nmse", "kl"):
-        parser.add_argument(f"--{name}-coef", type=float, default=1.0, help=f"{name} coefficient")
+    for name, term in (("lm", "the hybrid passes' next-token loss"),
+                       ("nmse", "the NMSE (both ways, every site)"),
+                       ("kl", "the KL of the hybrid passes (every site)")):  # fmt: skip
+        parser.add_argument(
+            f"--{name}-coef", type=float, default=1.0, help=f"coefficient of {term} (default: 1)"
+        )
     parser.add_argument("--checkpoint-every", type=int, default=100, help="steps per checkpoint")
-    parser.add_argument("--eval-windows", type=int, default=64, help="held-out windows")
+    parser.add_argument(
+        "--eval-windows",
+        type=int,
+        default=64,
+        help="held-out token budget, in windows of --seq-len tokens (default: 64)",
+    )
     parser.add_argument("--corpus", default="stdlib", help="corpus (default: stdlib)")
     _common(parser)
     parser.set_defaults(func=run_train)
