@@ -92,6 +92,30 @@ def _points_table(page: Page, doc: dict[str, Any]) -> None:
     )  # fmt: skip
 
 
+def _tasks_table(page: Page, doc: dict[str, Any]) -> None:
+    """Per task and model (first seed): the full model's held-out task loss, and the circuit's
+    edges where the target was reached."""
+    target = doc["config"]["target_loss"]
+    rows = []
+    for task in doc["tasks"]["all"]:
+        cells = []
+        for p in doc["points"]:
+            r = p["runs"][0]["tasks"][task]
+            edges = f" → {r['edges']:,} edges" if r["reached"] else ""
+            cells.append(f"{r['full_loss']:.3f}{edges}")
+        common = " (common)" if task in doc["tasks"]["common"] else ""
+        rows.append([escape(task + common), *cells])
+    page.add(
+        f"<p>Full-model held-out task loss per task (a circuit exists where it is at most the "
+        f"target, {target} nats; its edges follow the arrow):</p>"
+    )
+    page.table(
+        ["task", *(escape(p["name"]) for p in doc["points"])],
+        rows,
+        numeric=set(range(1, len(doc["points"]) + 1)),
+    )
+
+
 def _claims(page: Page, doc: dict[str, Any]) -> None:
     level = doc["statistics"]["level"]
     for name, claim in doc["claims"].items():
@@ -138,6 +162,7 @@ def render_frontier_section(page: Page, doc: dict[str, Any]) -> None:
         "to the left is better on both counts. Data: frontier.json.",
     )
     _points_table(page, doc)
+    _tasks_table(page, doc)
     page.add("<h3>The paper's claims</h3>")
     page.add(
         "<p>Supported: every comparison significant in the claimed direction; contradicted: "
