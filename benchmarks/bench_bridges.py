@@ -15,7 +15,7 @@ over items and the sign-flip p-value) collected from the ``edit.json`` results.
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_bridges.py throughput --steps 10
     .venv/bin/python benchmarks/bench_bridges.py edit --bridge runs/bridge \\
-        --tasks single_double_quote bracket_counting
+        --tasks single_double_quote lambda_func --target-loss 0.65
 """
 
 from __future__ import annotations
@@ -92,7 +92,8 @@ def edit(args: argparse.Namespace) -> dict:
     for task in args.tasks:
         out = Path(args.bridge) / "edit" / task
         argv = ["bridge", "edit", "--bridge", args.bridge, "--task", task, "--out", str(out),
-                "--n-items", str(args.n_items), "--no-progress"]  # fmt: skip
+                "--n-items", str(args.n_items), "--target-loss", str(args.target_loss),
+                "--no-progress"]  # fmt: skip
         if nnobs(argv) != 0:
             rows[task] = {"refused": True}
             continue
@@ -124,6 +125,7 @@ def main() -> None:
     effect.add_argument("--bridge", required=True, help="a trained bridge directory")
     effect.add_argument("--tasks", nargs="+", default=["single_double_quote"])
     effect.add_argument("--n-items", type=int, default=64)
+    effect.add_argument("--target-loss", type=float, default=0.15, help="the circuit's task loss")
     args = parser.parse_args()
     result = throughput(args) if args.kind == "throughput" else edit(args)
     print(json.dumps(result, indent=1))

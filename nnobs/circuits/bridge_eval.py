@@ -4,7 +4,9 @@ For every site: the NMSE of the encoder (dense → sparse) and of the decoder (s
 each the mean squared error over the held-out tokens divided by the target stream's variance
 over them; and for each hybrid pass (the sparse model continued from the encoded dense stream,
 the dense model continued from the decoded sparse stream) its next-token loss and its KL from
-the dense model alone and from the sparse model alone. Each model's own loss is the baseline.
+the dense model alone and from the sparse model alone, and its loss minus the dense model's
+own on the same tokens (paired: its interval is far narrower than the loss's). Each model's
+own loss is the baseline.
 Every interval is a 95% percentile bootstrap over documents (statistics are ratios of sums over
 the resampled documents, so a long document weighs by its tokens, as in the point estimate).
 """
@@ -119,6 +121,7 @@ def evaluate_bridges(
         for h in HYBRIDS:
             entry[h] = {
                 "loss": stat(sums.terms[f"ce_{h}"][:, i]),
+                "loss_gap_dense": stat(sums.terms[f"ce_{h}"][:, i] - sums.own["dense"]),
                 "kl_dense": stat(sums.terms[f"kl_dense_{h}"][:, i]),
                 "kl_sparse": stat(sums.terms[f"kl_sparse_{h}"][:, i]),
             }
@@ -127,7 +130,13 @@ def evaluate_bridges(
         "n_documents": int(len(sums.docs)),
         "n_tokens": int(counts.sum()),
         "n_boot": n_boot,
-        "models": {role: {"loss": stat(sums.own[role])} for role in ("dense", "sparse")},
+        "models": {
+            "dense": {"loss": stat(sums.own["dense"])},
+            "sparse": {
+                "loss": stat(sums.own["sparse"]),
+                "loss_gap_dense": stat(sums.own["sparse"] - sums.own["dense"]),
+            },
+        },
         "sites": sites,
     }
 

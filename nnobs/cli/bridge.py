@@ -21,7 +21,7 @@ examples:
   nnobs bridge --dense runs/dense --sparse runs/sparse --out runs/bridge
   nnobs bridge --dense runs/dense --sparse runs/sparse --out runs/bridge --steps 300 --k 32
   nnobs bridge edit --bridge runs/bridge --task single_double_quote
-  nnobs bridge edit --bridge runs/bridge --task bracket_counting --channel blocks.2.attn_in:17
+  nnobs bridge edit --bridge runs/bridge --task for_while --channel blocks.2.attn_in:17
 
 One encoder (linear + AbsTopK k, dense -> sparse stream) and decoder (linear, sparse -> dense)
 per sublayer: the residual stream entering each attention (blocks.L.resid_pre) and each MLP
@@ -194,18 +194,19 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def _bridge_summary(evaluation: dict) -> str:
-    lines = ["site                 NMSE enc  NMSE dec  loss sh  loss dh  KL(d‖sh)  KL(d‖dh)"]
+    lines = ["site                 NMSE enc  NMSE dec  Δloss sh  Δloss dh  KL(d‖sh)  KL(d‖dh)"]
     for s in evaluation["sites"]:
         sh, dh = s["sparse_hybrid"], s["dense_hybrid"]
         lines.append(
             f"{s['site']:<20} {s['nmse_encode']['value']:8.3f}  {s['nmse_decode']['value']:8.3f}  "
-            f"{sh['loss']['value']:7.3f}  {dh['loss']['value']:7.3f}  "
+            f"{sh['loss_gap_dense']['value']:+8.4f}  {dh['loss_gap_dense']['value']:+8.4f}  "
             f"{sh['kl_dense']['value']:8.4f}  {dh['kl_dense']['value']:8.4f}"
         )
     models = evaluation["models"]
     lines.append(
-        f"dense alone {models['dense']['loss']['value']:.3f}, sparse alone "
-        f"{models['sparse']['loss']['value']:.3f} nats ({evaluation['n_documents']} documents)"
+        f"loss: dense alone {models['dense']['loss']['value']:.3f}, sparse alone "
+        f"{models['sparse']['loss']['value']:.3f} nats; Δloss = a hybrid pass's loss minus the "
+        f"dense model's ({evaluation['n_documents']} held-out documents)"
     )
     return "\n".join(lines)
 

@@ -25,8 +25,8 @@ def _errorbars(ax, x, stats: list[dict], **style) -> None:
 
 
 def bridge_sites_plot(doc: dict[str, Any], path: str | Path) -> Path:
-    """Per site: NMSE both ways (left); the hybrid passes' loss against each model's own
-    (right); 95% intervals over documents."""
+    """Per site: NMSE both ways (left); the hybrid passes' loss minus the dense model's on the
+    same tokens, with the sparse model's (right); 95% intervals over documents."""
     sites = doc["sites"]
     x = np.arange(len(sites))
     labels = [f"L{s['layer']} {s['sublayer']}" for s in sites]
@@ -35,12 +35,13 @@ def bridge_sites_plot(doc: dict[str, Any], path: str | Path) -> Path:
     _errorbars(left, x + 0.05, [s["nmse_decode"] for s in sites], label="decode (sparse→dense)")
     left.set_ylabel("NMSE (held out)")
     for hybrid, colour in (("sparse_hybrid", "tab:green"), ("dense_hybrid", "tab:purple")):
-        stats = [s[hybrid]["loss"] for s in sites]
+        stats = [s[hybrid]["loss_gap_dense"] for s in sites]
         _errorbars(right, x, stats, color=colour, label=HYBRID_WORDS[hybrid])
-    for role, colour in (("dense", "black"), ("sparse", "tab:red")):
-        loss = doc["models"][role]["loss"]
-        right.axhline(loss["value"], color=colour, linestyle="--", label=f"{role} model alone")
-    right.set_ylabel("next-token loss (nats)")
+    gap = doc["models"]["sparse"]["loss_gap_dense"]
+    right.axhline(gap["value"], color="tab:red", linestyle="--", label="sparse model alone")
+    right.axhspan(*gap["ci95"], color="tab:red", alpha=0.12)
+    right.axhline(0, color="black", linestyle="--", label="dense model alone")
+    right.set_ylabel("next-token loss − the dense model's (nats)")
     for ax in (left, right):
         ax.set_xticks(x, labels, rotation=45, fontsize=8)
         ax.legend(fontsize=7)
@@ -86,25 +87,30 @@ def render_bridge(doc: dict[str, Any], out: str | Path) -> Path:
     models = doc["models"]
     page.add(
         f"<p>Each model alone: dense loss {_stat(models['dense']['loss'])}, sparse loss "
-        f"{_stat(models['sparse']['loss'])} nats.</p>"
+        f"{_stat(models['sparse']['loss'])} nats (sparse − dense, paired: "
+        f"{_stat(models['sparse']['loss_gap_dense'], 4)}).</p>"
     )
     page.figure("bridge_sites", lambda p: bridge_sites_plot(doc, p),
-                "NMSE of the encoder and decoder per site, and the next-token loss of each hybrid "
-                "pass against each model alone. Data: bridge.json.")  # fmt: skip
+                "NMSE of the encoder and decoder per site, and each hybrid pass's next-token loss "
+                "above the dense model's on the same tokens (the sparse model's for comparison). "
+                "Data: bridge.json.")  # fmt: skip
     page.table(
         ["site", "NMSE encode", "NMSE decode",
-         "sparse hybrid loss", "KL dense‖sh", "KL sparse‖sh",
-         "dense hybrid loss", "KL dense‖dh", "KL sparse‖dh"],
+         "sh loss − dense", "KL dense‖sh", "KL sparse‖sh",
+         "dh loss − dense", "KL dense‖dh", "KL sparse‖dh"],
         [[escape(site["site"]), _stat(site["nmse_encode"]), _stat(site["nmse_decode"]),
-          _stat(site["sparse_hybrid"]["loss"]), _stat(site["sparse_hybrid"]["kl_dense"], 4),
-          _stat(site["sparse_hybrid"]["kl_sparse"], 4), _stat(site["dense_hybrid"]["loss"]),
+          _stat(site["sparse_hybrid"]["loss_gap_dense"], 4),
+          _stat(site["sparse_hybrid"]["kl_dense"], 4),
+          _stat(site["sparse_hybrid"]["kl_sparse"], 4),
+          _stat(site["dense_hybrid"]["loss_gap_dense"], 4),
           _stat(site["dense_hybrid"]["kl_dense"], 4), _stat(site["dense_hybrid"]["kl_sparse"], 4)]
          for site in doc["sites"]],
         numeric=set(range(1, 9)),
     )  # fmt: skip
     page.add(
         '<p class="meta">sh: the sparse model continued from the encoded dense stream at the site; '
-        "dh: the dense model continued from the decoded sparse stream. KL per token, nats.</p>"
+        "dh: the dense model continued from the decoded sparse stream; loss − dense: the pass's "
+        "next-token loss minus the dense model's on the same tokens. KL per token, nats.</p>"
     )
     if doc["training_curve"]:
         page.figure("bridge_training", lambda p: training_curve_plot(doc, p),
