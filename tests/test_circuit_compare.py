@@ -17,6 +17,7 @@ from nnobs.circuits.compare import (
     match_checkpoint,
     ratio_test,
     sparse_smaller_p,
+    statement,
 )
 from nnobs.circuits.sizes import circuit_sizes
 from nnobs.core.errors import NnobsError
@@ -118,9 +119,16 @@ def test_ratio_test_on_a_worked_example():
     assert result["ratio"] == pytest.approx(np.exp(4.8 / 6))
     assert result["p_value"] == pytest.approx(1 / 32)  # 5 nonzero, all positive: exact 2^-5
     assert (result["n_sparse_smaller"], result["n_dense_smaller"]) == (5, 0)
+    assert result["min_p"] == 1 / 32  # the zero task says nothing of the direction
     assert result["verdict"] == "sparse circuits smaller"
     lo, hi = result["ci95"]
     assert np.exp(0.2) < lo < result["ratio"] < hi < np.exp(2.0)
+    models = {m: {"val_loss": 5.0, "step": 10} for m in ("dense", "sparse")}
+    assert "too few tasks" not in statement(result, 8, models)
+    assert "2 of 8 tasks excluded" in statement(result, 8, models)
+    three = ratio_test(np.array([3.0, 2.9, 0.6]), n_boot=50)
+    assert three["p_value"] == three["min_p"] == 1 / 8  # as small as 3 tasks can give
+    assert "too few tasks: its smallest p is 0.125" in statement(three, 20, models)
     assert ratio_test(-logs, n_boot=10)["verdict"] == "not shown smaller"
     assert ratio_test(np.zeros(4), n_boot=10)["p_value"] == 1.0
     assert ratio_test(np.array([]))["verdict"] == "no task reached by both"

@@ -122,6 +122,9 @@ def ratio_test(
     out["n_sparse_smaller"] = int((logs > 0).sum())
     out["n_dense_smaller"] = int((logs < 0).sum())
     out["p_value"] = sparse_smaller_p(logs)
+    # The exact test's smallest p with n differing tasks is 2^-n: below 5 tasks (at 0.05) no
+    # ratio, however large, can be called, and the statement says so.
+    out["min_p"] = 0.5 ** int((logs != 0).sum())
     smaller = out["p_value"] < level
     out["verdict"] = "sparse circuits smaller" if smaller else "not shown smaller"
     return out
@@ -257,8 +260,14 @@ def statement(headline: dict, n_tasks: int, models: dict) -> str:
         return f"no task reached by both models; {excluded}; {losses}"
     lo, hi = headline["ci95"]
     interval = "" if lo is None else f" (95% CI {lo:.2f}-{hi:.2f} over tasks)"
+    untestable = (
+        f", too few tasks: its smallest p is {headline['min_p']:.3g}"
+        if headline["min_p"] >= headline["level"]
+        else ""
+    )
     return (
         f"dense/sparse circuit edges: geometric-mean ratio {headline['ratio']:.2f}x"
         f"{interval} over {n} tasks; {headline['verdict']} (Wilcoxon one-sided p = "
-        f"{headline['p_value']:.3g}, level {headline['level']}); {excluded}; {losses}"
+        f"{headline['p_value']:.3g}, level {headline['level']}{untestable}); {excluded}; "
+        f"{losses}"
     )
