@@ -12,4 +12,13 @@ residual reads and writes, MLP neurons, q/k/v channels — as hook sites),
 :mod:`~nnobs.circuits.prune` (``CircuitPruner``: train the gates, then bisect the number of
 kept nodes to the target task loss) and :mod:`~nnobs.circuits.edges` (circuit size: nonzero
 weights between kept nodes).
+
+Bridges between a dense and a sparse model's residual streams:
+:mod:`~nnobs.circuits.bridge_model` (an encoder, linear + AbsTopK, and a decoder per
+sublayer site), :mod:`~nnobs.circuits.bridge_loss` (NMSE both ways and the hybrid passes: each
+model continued from a site on the other's stream), :mod:`~nnobs.circuits.bridge_train`
+(training, resumable exactly), :mod:`~nnobs.circuits.bridge_eval` (per-site report on held-out
+documents), and :mod:`~nnobs.circuits.edit_transfer` with :mod:`~nnobs.circuits.bridge_edit`
+(an edit of a sparse-circuit channel carried into the dense model, tested against random
+channels of the same size).
 """
