@@ -5,6 +5,8 @@ finds a planted transfer and holds its level on null data."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -222,6 +224,22 @@ def test_the_planted_channel_transfers_and_a_channel_the_model_ignores_does_not(
     ignored = transfer_edit(*args, "blocks.0.mlp_in", 2, reference_windows(), settings)
     assert ignored["channel"]["mean_abs_delta"] == 0.0  # channel 2 is the same on both prompts
     assert ignored["test"]["verdict"] == "no_transfer"
+
+
+def test_prompts_of_unequal_length_are_left_out_or_lined_up_at_their_last_token():
+    model = planted_model()
+    task = planted_pairs(24, 0)
+    longer = [[FILLERS[1], *prompt] for prompt in task.corrupted]  # one token more, in front
+    task = dataclasses.replace(task, corrupted=longer)
+    settings = EditSettings(n_controls=3, n_perm=2000, n_boot=200)
+    args = (identity_bridges(4), model, model, task, "blocks.0.mlp_in", 0, reference_windows())
+    with pytest.raises(NnobsError, match="--align right"):
+        transfer_edit(*args, settings)
+    aligned = transfer_edit(*args, dataclasses.replace(settings, align_right=True))
+    assert aligned["items"] == {"n_used": 24, "n_left_out": 0}
+    assert (
+        aligned["test"]["verdict"] == "transfers" and aligned["curve"][-1]["edit"]["value"] > 0.99
+    )
 
 
 def test_the_default_channel_is_the_circuit_read_with_the_largest_delta():

@@ -29,7 +29,7 @@ from nnobs.circuits.edit_transfer import (
 from nnobs.circuits.prune import CircuitPruner
 from nnobs.circuits.task_loss import task_loss
 from nnobs.core.errors import NnobsError
-from nnobs.core.fields import check_int, check_number
+from nnobs.core.fields import check_bool, check_int, check_number
 from nnobs.core.version import __version__
 from nnobs.data.tasks import EncodedTask
 from nnobs.models.adapter import ModelAdapter
@@ -43,7 +43,9 @@ READ_KINDS = ("attn_in", "mlp_in")
 class EditSettings:
     """Strengths ``alphas`` (in [0, 1], 1 included: the test's strength), ``n_controls``
     random control channels, the test's ``level`` and ``n_perm`` sign flips, ``n_boot``
-    bootstrap resamples over items, and the ``seed`` of controls, flips and resamples."""
+    bootstrap resamples over items, and the ``seed`` of controls, flips and resamples;
+    ``align_right``: also use items whose two prompts differ in length, lined up at their last
+    token (:func:`~nnobs.circuits.edit_transfer.read_deltas`)."""
 
     alphas: tuple[float, ...] = DEFAULT_ALPHAS
     n_controls: int = 8
@@ -51,6 +53,7 @@ class EditSettings:
     n_perm: int = 10000
     n_boot: int = 1000
     seed: int = 0
+    align_right: bool = False
 
     def __post_init__(self) -> None:
         for alpha in self.alphas:
@@ -62,6 +65,7 @@ class EditSettings:
         check_int("n_perm", self.n_perm, 100)
         check_int("n_boot", self.n_boot, 100)
         check_int("seed", self.seed, 0)
+        check_bool("align_right", self.align_right)
 
 
 def circuit_channel(
@@ -70,6 +74,7 @@ def circuit_channel(
     heldout: EncodedTask,
     reference: torch.Tensor,
     pruner: CircuitPruner,
+    align_right: bool = False,
 ) -> tuple[str, int, dict]:
     """Prune the sparse model on the task and take the circuit's residual-read channel with the
     largest mean |Δ| on the held-out items; also what the choice was made from. Refused at
@@ -89,7 +94,7 @@ def circuit_channel(
             "read channel: name one with --channel SITE:INDEX"
         )
     sites = sorted({site for site, _ in reads})
-    deltas = read_deltas(sparse, heldout, sites)
+    deltas = read_deltas(sparse, heldout, sites, align_right)
     candidates = [
         {"site": site, "channel": c, "mean_abs_delta": float(mean_abs_delta(deltas[site])[c])}
         for site, c in reads
@@ -116,7 +121,7 @@ def transfer_edit(
     settings: EditSettings,
 ) -> dict:
     """The edit's curve against α with its controls, and the test at α = 1."""
-    items = edit_items(sparse, task, site, channel)
+    items = edit_items(sparse, task, site, channel, settings.align_right)
     if len(items.ids) < 2:
         raise NnobsError(
             f"only {len(items.ids)} usable items in task {task.name!r}: need 2 or more"

@@ -16,7 +16,8 @@ against control edits of the same size (the same Δ along other channels' direct
 ``u``'s norm). The stated test, at α = 1: per prompt, d = p(edit) − mean p(controls); one-sided
 sign-flip permutation test of mean d > 0 at ``level`` (null: the edit moves the answer no more
 than a random channel of the same size). Items whose two prompts differ in token length are left
-out (Δ is per token) and counted.
+out (Δ is per token) and counted, unless they are lined up at their last token
+(``align_right``: the shorter prompt's tokens pair the longer one's last tokens).
 """
 
 from __future__ import annotations
@@ -73,45 +74,55 @@ class EditItems:
     n_left_out: int
 
 
-def aligned_items(task: EncodedTask) -> list[int]:
-    """The items whose presented and counterfactual prompts have the same token length."""
+def aligned_items(task: EncodedTask, align_right: bool = False) -> list[int]:
+    """The items Δ is taken on: those whose presented and counterfactual prompts have the same
+    token length, or every item with ``align_right`` (prompts lined up at their last token)."""
+    if align_right:
+        return list(range(len(task)))
     keep = [i for i in range(len(task)) if len(task.clean[i]) == len(task.corrupted[i])]
     if not keep:
         raise NnobsError(
             f"task {task.name!r} has no item whose two prompts have the same token length: "
-            "Δ per token needs them aligned"
+            "Δ per token needs them aligned (line them up at their last token with --align right)"
         )
     return keep
 
 
 def read_deltas(
-    sparse: ModelAdapter, task: EncodedTask, sites: list[str]
+    sparse: ModelAdapter, task: EncodedTask, sites: list[str], align_right: bool = False
 ) -> dict[str, list[np.ndarray]]:
-    """Per read site, Δ = counterfactual − presented (positions × channels) for each aligned
-    item (:func:`aligned_items`, in order); one forward pass per prompt length and prompt."""
+    """Per read site, Δ = counterfactual − presented (presented positions × channels) for each
+    item of :func:`aligned_items`, in order; one forward pass per pair of prompt lengths and
+    prompt. Right-aligned prompts of different lengths pair their last ``m`` tokens (``m`` the
+    shorter length); the presented prompt's earlier positions get Δ = 0."""
     sparse = circuit_adapter(sparse)
-    keep = aligned_items(task)
+    keep = aligned_items(task, align_right)
     out: dict[str, list] = {site: [None] * len(keep) for site in sites}
-    by_len: dict[int, list[int]] = {}
+    by_len: dict[tuple[int, int], list[int]] = {}
     for row, i in enumerate(keep):
-        by_len.setdefault(len(task.clean[i]), []).append(row)
-    for rows in by_len.values():
+        by_len.setdefault((len(task.clean[i]), len(task.corrupted[i])), []).append(row)
+    for (n_clean, n_cf), rows in by_len.items():
+        m = min(n_clean, n_cf)
         values = []
         for prompts in (task.clean, task.corrupted):
             ids = torch.tensor([prompts[keep[r]] for r in rows], device=sparse.device)
             values.append(sparse.run_with_cache(ids, sites)[1])
         for site in sites:
-            delta = (values[1][site] - values[0][site]).double().cpu().numpy()
+            clean, cf = values[0][site].double().cpu().numpy(), values[1][site].double().cpu()
+            delta = np.zeros_like(clean)
+            delta[:, n_clean - m :] = cf.numpy()[:, n_cf - m :] - clean[:, n_clean - m :]
             for j, row in enumerate(rows):
                 out[site][row] = delta[j]
     return out
 
 
-def edit_items(sparse: ModelAdapter, task: EncodedTask, site: str, channel: int) -> EditItems:
-    """Δ per token at ``site``:``channel`` of the sparse model for every item whose presented
-    (clean) and counterfactual (corrupted) prompts have the same token length."""
-    keep = aligned_items(task)
-    deltas = read_deltas(sparse, task, [site])[site]
+def edit_items(
+    sparse: ModelAdapter, task: EncodedTask, site: str, channel: int, align_right: bool = False
+) -> EditItems:
+    """Δ per token at ``site``:``channel`` of the sparse model for the items of
+    :func:`aligned_items`."""
+    keep = aligned_items(task, align_right)
+    deltas = read_deltas(sparse, task, [site], align_right)[site]
     return EditItems(
         ids=[task.clean[i] for i in keep],
         deltas=[d[:, channel] for d in deltas],

@@ -101,6 +101,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     edit.add_argument("--n-controls", type=int, default=8, help="random control channels")
     edit.add_argument("--n-items", type=int, default=64, help="task items per split")
     edit.add_argument("--level", type=float, default=0.05, help="the test's level")
+    edit.add_argument(
+        "--align", choices=("right",),
+        help="also use items whose two prompts differ in length, lined up at the last token",
+    )  # fmt: skip
     edit.add_argument("--prune-steps", type=int, default=300, help="circuit pruning steps")
     edit.add_argument("--target-loss", type=float, default=0.15, help="circuit's task loss")
     edit.add_argument("--corpus", default="stdlib", help="reference windows' corpus")
@@ -242,7 +246,8 @@ def run_edit(args: argparse.Namespace) -> int:
     n_layers, width = config["sparse"]["n_layers"], config["shape"]["d_sparse"]
     channel = parse_channel(args.channel, n_layers, width) if args.channel else None
     settings = EditSettings(alphas=_alphas(args.alphas), n_controls=args.n_controls,
-                            level=args.level, n_boot=args.n_boot, seed=args.seed)  # fmt: skip
+                            level=args.level, n_boot=args.n_boot, seed=args.seed,
+                            align_right=args.align == "right")  # fmt: skip
     dense_spec = args.dense or config["dense"]["path"]
     sparse_spec = args.sparse or config["sparse"]["path"]
     dense, sparse = _load_pair(dense_spec, sparse_spec, args.device)
@@ -261,7 +266,9 @@ def run_edit(args: argparse.Namespace) -> int:
     reference, _ = stream_windows(sparse.tokenizer, args.corpus, "train", 32, 64)
     if channel is None:
         pruner = CircuitPruner(steps=args.prune_steps, target_loss=args.target_loss, seed=args.seed)
-        site, index, info = circuit_channel(sparse, train, heldout, reference, pruner)
+        site, index, info = circuit_channel(
+            sparse, train, heldout, reference, pruner, settings.align_right
+        )
         chosen = {"method": "circuit", **info}
     else:
         (site, index), chosen = channel, {"method": "given"}

@@ -152,10 +152,15 @@ def render_bridge_edit(doc: dict[str, Any], out: str | Path) -> Path:
         else f"the residual read of the pruned circuit ({chosen['n_nodes']} nodes, held-out task "
         f"loss {chosen['heldout_loss']:.3f}) with the largest mean |Δ|"
     )
+    aligned = (
+        "prompts of unequal length lined up at their last token"
+        if doc["settings"].get("align_right")
+        else f"{doc['items']['n_left_out']} left out for prompts of unequal length"
+    )
     page.add(
         f'<p class="meta">task {escape(task["name"])} ({escape(task["split"])} items: '
-        f"{doc['items']['n_used']} used, {doc['items']['n_left_out']} left out for prompts of "
-        f"unequal length); channel {escape(ch['site'])}:{ch['channel']} ({escape(how)}); mean "
+        f"{doc['items']['n_used']} used, {escape(aligned)}); channel "
+        f"{escape(ch['site'])}:{ch['channel']} ({escape(how)}); mean "
         f"|Δ| {ch['mean_abs_delta']:.3f}; residual RMS sparse {ch['rms_sparse']:.3f}, dense "
         f"{ch['rms_dense']:.3f}; controls: channels {', '.join(map(str, doc['controls']))}, "
         "same Δ, direction rescaled to the edit's norm.</p>"
