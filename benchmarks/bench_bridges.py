@@ -93,7 +93,7 @@ def edit(args: argparse.Namespace) -> dict:
         out = Path(args.bridge) / "edit" / task
         argv = ["bridge", "edit", "--bridge", args.bridge, "--task", task, "--out", str(out),
                 "--n-items", str(args.n_items), "--target-loss", str(args.target_loss),
-                "--no-progress"]  # fmt: skip
+                "--no-progress", *(["--align", "right"] if args.align_right else [])]  # fmt: skip
         if nnobs(argv) != 0:
             rows[task] = {"refused": True}
             continue
@@ -126,6 +126,7 @@ def main() -> None:
     effect.add_argument("--tasks", nargs="+", default=["single_double_quote"])
     effect.add_argument("--n-items", type=int, default=64)
     effect.add_argument("--target-loss", type=float, default=0.15, help="the circuit's task loss")
+    effect.add_argument("--align-right", action="store_true", help="line up unequal prompts")
     args = parser.parse_args()
     result = throughput(args) if args.kind == "throughput" else edit(args)
     print(json.dumps(result, indent=1))
