@@ -117,15 +117,6 @@ class Bridges(nn.Module):
                 layer[site_key(site)].bias.copy_(bias)
         return self
 
-    def shape(self) -> dict:
-        """What the weights file needs to be read back: sites, widths and k."""
-        return {
-            "sites": self.sites,
-            "d_dense": self.d_dense,
-            "d_sparse": self.d_sparse,
-            "k": self.k,
-        }
-
     def save(self, path: str | Path) -> Path:
         """Write the weights as safetensors at ``path`` (atomically: temp file, rename)."""
         from nnobs.core.files import atomic_path
@@ -136,7 +127,8 @@ class Bridges(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path, shape: dict) -> Bridges:
-        """Bridges of ``shape`` (:meth:`shape`) with the weights at ``path``."""
+        """Bridges of ``shape`` (sites, d_dense, d_sparse and k, as a bridge directory's
+        config records them) with the weights at ``path``."""
         bridges = cls(shape["sites"], shape["d_dense"], shape["d_sparse"], shape["k"])
         tensors = load_safetensors(Path(path), "bridge weights")
         try:
