@@ -150,6 +150,10 @@ def test_resuming_equals_training_uninterrupted(tmp_path):
     part = train_bridges(dense, sparse, tmp_path / "part", settings, progress=False,
                          stream=token_stream(), stop_after=4)  # fmt: skip
     assert not (tmp_path / "part" / "bridges.safetensors").exists()
+    # A run killed after logging step 6 but before its next checkpoint (step 8) left lines that
+    # resuming from step 4 must drop.
+    with open(tmp_path / "part" / "metrics.jsonl", "a") as log:
+        log.write('{"step": 6, "loss": 99.0}\n')
     assert not same_weights(part, whole)
     resumed = train_bridges(dense, sparse, tmp_path / "part", settings, progress=False,
                             stream=token_stream())  # fmt: skip

@@ -31,6 +31,7 @@ from nnobs.core.fields import check_choice, check_int, check_number
 from nnobs.core.files import append_jsonl, read_json, write_json
 from nnobs.interventions.ablation import weights_fingerprint
 from nnobs.models.adapter import ModelAdapter
+from nnobs.models.checkpoint import load_safetensors
 from nnobs.training.checkpoint import optimizer_state, restore_optimizer
 
 BRIDGE_FORMAT = "nnobs-bridge/1"
@@ -196,17 +197,14 @@ def _resume(directory: Path, bridges: Bridges, opt) -> int:
     for tmp in (directory / "checkpoints").glob(".tmp-*"):
         shutil.rmtree(tmp, ignore_errors=True)
     done = _checkpoints(directory)
-    if not done:
-        return 0
-    latest = done[-1]
-    from nnobs.models.checkpoint import load_safetensors
-
-    bridges.load_state_dict(load_safetensors(latest / WEIGHTS_FILE, "bridge checkpoint"))
-    info = read_json(latest / "optimizer.json", "bridge optimizer state")
-    restore_optimizer(
-        opt, load_safetensors(latest / "optimizer.safetensors", "bridge optimizer"), info
-    )
-    step = int(read_json(latest / "state.json", "bridge checkpoint state")["step"])
+    step = 0
+    if done:
+        latest = done[-1]
+        bridges.load_state_dict(load_safetensors(latest / WEIGHTS_FILE, "bridge checkpoint"))
+        info = read_json(latest / "optimizer.json", "bridge optimizer state")
+        tensors = load_safetensors(latest / "optimizer.safetensors", "bridge optimizer")
+        restore_optimizer(opt, tensors, info)
+        step = int(read_json(latest / "state.json", "bridge checkpoint state")["step"])
     log = directory / METRICS_FILE
     if log.is_file():
         kept = [ln for ln in log.read_text().splitlines() if json.loads(ln)["step"] <= step]
