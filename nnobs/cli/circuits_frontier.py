@@ -28,8 +28,9 @@ width sparser models have smaller circuits but higher loss; at a fixed L0 more t
 give smaller circuits and lower loss. Each claim: supported, contradicted or inconclusive at the
 config's level, with bootstrap intervals over tasks, documents and seeds.
 
-The cpu preset (6 models of width 32 and 64, 1000 steps, 8 tasks) took the time recorded in
-benchmarks/README.md ("The frontier") on 2 shared CPU cores. Re-running the same command
+The cpu preset (6 models of width 32 and 64, 1000 steps, 8 tasks) took 65 minutes with
+--jobs 2 on 2 CPU cores shared with heavier jobs; about 30-35 minutes on 2 free cores
+(benchmarks/README.md, "The capability-interpretability frontier"). Re-running the same command
 resumes: finished runs, losses and circuit sizes are kept, interrupted runs continue from their
 last checkpoint; a directory holding another frontier is refused."""
 
