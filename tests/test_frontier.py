@@ -217,3 +217,19 @@ def test_parallel_jobs_give_the_same_frontier(python_corpus, tmp_path):
         assert a["loss"] == b["loss"] and a["l0"] == b["l0"]
         assert a["geomean_edges"] == b["geomean_edges"]
         assert a["runs"][0]["tasks"] == b["runs"][0]["tasks"]
+
+
+def test_without_a_common_task_circuit_size_is_left_open(python_corpus):
+    cfg = parse_frontier(micro(python_corpus, tasks=["for_while", "if_equals"]))
+    outcomes = {
+        ("w16-nz2000", 0): fake_outcome("w16-nz2000", {"for_while": 40, "if_equals": None}, 4.0),
+        ("w32-nz2000", 0): fake_outcome("w32-nz2000", {"for_while": None, "if_equals": 7}, 3.5),
+    }
+    doc = frontier_document(cfg, [], outcomes, wall_s=1.0)
+    validate(doc, "nnobs.frontier")
+    assert doc["tasks"]["common"] == [] and doc["statistics"]["n_tasks"] == 0
+    assert [p["geomean_edges"] for p in doc["points"]] == [None, None]
+    assert [p["pareto"] for p in doc["points"]] == [False, False]
+    wider = doc["claims"]["wider"]
+    assert wider["edges_verdict"] == "inconclusive" and wider["loss_verdict"] == "supported"
+    assert wider["comparisons"][0]["edges_ratio"] is None

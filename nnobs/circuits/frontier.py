@@ -284,10 +284,13 @@ def frontier_document(
         _measures(cfg, points, outcomes, common), info, n_boot=cfg.n_boot, level=cfg.level
     )
     measured = stats["points"]
-    on_frontier = pareto_optimal(
-        [m["loss"] for m in measured],
-        [np.inf if m["geomean_edges"] is None else m["geomean_edges"] for m in measured],
+    sized = [i for i, m in enumerate(measured) if m["geomean_edges"] is not None]
+    optimal = pareto_optimal(
+        [measured[i]["loss"] for i in sized], [measured[i]["geomean_edges"] for i in sized]
     )
+    on_frontier = [False] * len(measured)  # without a circuit size, no point is on it
+    for i, flag in zip(sized, optimal, strict=True):
+        on_frontier[i] = flag
     rows = []
     for p, m, pareto in zip(points, measured, on_frontier, strict=True):
         runs = entries[p.name]
