@@ -158,7 +158,7 @@ def test_tasks_a_model_cannot_reach_are_reported_and_left_out(python_corpus):
             "w32-nz2000", {"for_while": 10, "if_equals": 7, "lambda_func": 30}, 3.5
         ),
     }
-    doc = frontier_document(cfg, [], outcomes, wall_s=1.0)
+    doc = frontier_document(cfg, outcomes, wall_s=1.0)
     validate(doc, "nnobs.frontier")
     assert doc["tasks"]["common"] == ["for_while", "lambda_func"]
     narrow, wide = doc["points"]
@@ -225,7 +225,7 @@ def test_without_a_common_task_circuit_size_is_left_open(python_corpus):
         ("w16-nz2000", 0): fake_outcome("w16-nz2000", {"for_while": 40, "if_equals": None}, 4.0),
         ("w32-nz2000", 0): fake_outcome("w32-nz2000", {"for_while": None, "if_equals": 7}, 3.5),
     }
-    doc = frontier_document(cfg, [], outcomes, wall_s=1.0)
+    doc = frontier_document(cfg, outcomes, wall_s=1.0)
     validate(doc, "nnobs.frontier")
     assert doc["tasks"]["common"] == [] and doc["statistics"]["n_tasks"] == 0
     assert [p["geomean_edges"] for p in doc["points"]] == [None, None]

@@ -76,7 +76,6 @@ def run_unit(unit: Unit) -> dict[str, Any]:
     cfg, tc = unit.cfg, unit.point.train.replace(seed=unit.seed)
     start = time.perf_counter()
     run = train(unit.point.model, tc, unit.run_dir, progress=unit.progress)
-    trained = time.perf_counter()
     loss = document_losses(
         unit.run_dir, unit.measures_dir, corpus=tc.corpus, max_chars=tc.max_chars,
         seq_len=tc.seq_len, tokens=cfg.eval_tokens, device=unit.device,
@@ -100,7 +99,6 @@ def run_unit(unit: Unit) -> dict[str, Any]:
         "tasks_pruned_now": pruned,
         "seconds_now": round(time.perf_counter() - start, 3),
         "train_seconds": round(run.elapsed_s, 3),
-        "train_seconds_now": round(trained - start, 3),
         "val_loss": run.val_loss,
         "loss": loss,
         "sizes": sizes,
@@ -166,7 +164,7 @@ def run_frontier(
         log(f"frontier {cfg.name}: {len(units)} models ({len(cfg.points())} grid points × "
             f"{len(cfg.seeds)} seeds), {len(cfg.tasks)} tasks, {jobs} job(s)")  # fmt: skip
         outcomes = _run_units(units, jobs, log)
-        doc = frontier_document(cfg, units, outcomes, time.perf_counter() - start)
+        doc = frontier_document(cfg, outcomes, time.perf_counter() - start)
         write_result(out / "frontier.json", doc)
     return doc
 
@@ -266,9 +264,7 @@ def _unit_entry(outcome: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def frontier_document(
-    cfg: FrontierConfig, units: list[Unit], outcomes: dict, wall_s: float
-) -> dict[str, Any]:
+def frontier_document(cfg: FrontierConfig, outcomes: dict, wall_s: float) -> dict[str, Any]:
     """The result document (schema ``nnobs.frontier``)."""
     import torch
 
