@@ -19,6 +19,7 @@ from nnobs.circuits.frontier_config import (
 from nnobs.cli import main
 from nnobs.core.errors import NnobsError
 from nnobs.core.results import load_result, validate
+from nnobs.report.frontier_page import render_frontier
 from nnobs.report.html import render_report
 
 TASKS = ["while_return_true", "for_while"]
@@ -219,7 +220,7 @@ def test_parallel_jobs_give_the_same_frontier(python_corpus, tmp_path):
         assert a["runs"][0]["tasks"] == b["runs"][0]["tasks"]
 
 
-def test_without_a_common_task_circuit_size_is_left_open(python_corpus):
+def test_without_a_common_task_circuit_size_is_left_open(python_corpus, tmp_path):
     cfg = parse_frontier(micro(python_corpus, tasks=["for_while", "if_equals"]))
     outcomes = {
         ("w16-nz2000", 0): fake_outcome("w16-nz2000", {"for_while": 40, "if_equals": None}, 4.0),
@@ -233,3 +234,5 @@ def test_without_a_common_task_circuit_size_is_left_open(python_corpus):
     wider = doc["claims"]["wider"]
     assert wider["edges_verdict"] == "inconclusive" and wider["loss_verdict"] == "supported"
     assert wider["comparisons"][0]["edges_ratio"] is None
+    page = render_frontier(doc, tmp_path)  # loss against L0 drawn instead of the frontier
+    assert (tmp_path / "frontier.png").stat().st_size > 10_000 and "against L0" in page.read_text()

@@ -26,6 +26,22 @@ def _errors(value: float, bounds: list | None) -> np.ndarray:
     return np.abs(np.array(bounds, dtype=float) - value).reshape(2, 1)
 
 
+def _loss_against_l0(ax, points: list[dict[str, Any]]) -> None:
+    """Each width's loss against L0 (log scale), with intervals: what is left to show when no
+    task is reached by every model."""
+    for width in sorted({p["width"] for p in points}):
+        here = sorted((p for p in points if p["width"] == width), key=lambda p: p["l0"])
+        l0 = [p["l0"] for p in here]
+        loss = [p["loss"] for p in here]
+        errors = np.hstack([_errors(p["loss"], p["loss_ci"]) for p in here])
+        ax.errorbar(l0, loss, yerr=errors, marker="o", capsize=2, label=f"width {width}")
+    ax.set_xscale("log")
+    ax.set_xlabel("L0 (nonzero parameters)")
+    ax.set_ylabel("pretraining loss on held-out documents (nats/token)")
+    ax.set_title("no task reached by every model, so no circuit size: loss against L0", fontsize=9)
+    ax.legend(fontsize=8)
+
+
 def frontier_plot(doc: dict[str, Any], path: str | Path) -> Path:
     """Loss (y) against geometric-mean circuit edges (x, log scale), colour the total
     parameters, marker area the L0; 95% intervals both ways; Pareto points joined."""
@@ -33,9 +49,9 @@ def frontier_plot(doc: dict[str, Any], path: str | Path) -> Path:
 
     points = [p for p in doc["points"] if p["geomean_edges"] is not None]
     fig, ax = plt.subplots(figsize=(7.0, 5.0))
-    if not points:
-        ax.text(0.5, 0.5, "no task reached by every model:\nno circuit size to plot",
-                ha="center", va="center", transform=ax.transAxes)  # fmt: skip
+    if not points:  # no circuit size to place the models by: loss against L0 instead
+        _loss_against_l0(ax, doc["points"])
+        fig.tight_layout()
         return save_figure(fig, path)
     params = np.array([p["n_params"] for p in points], dtype=float)
     l0 = np.array([p["l0"] for p in points], dtype=float)
@@ -159,7 +175,8 @@ def render_frontier_section(page: Page, doc: dict[str, Any]) -> None:
         lambda p: frontier_plot(doc, p),
         "Pretraining loss against circuit size (log scale) for every model of the grid: colour "
         "total parameters, marker area L0 (nonzero weights); bars are the intervals. Down and "
-        "to the left is better on both counts. Data: frontier.json.",
+        "to the left is better on both counts (with no task common to every model: loss against "
+        "L0 instead). Data: frontier.json.",
     )
     _points_table(page, doc)
     _tasks_table(page, doc)
