@@ -82,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
 
 def summary(doc: dict) -> str:
     """The frontier as a table, then each claim's verdict."""
+    from nnobs.report.frontier_page import seed_note
+
     lines = [
         f"{'model':<14} {'params':>9} {'L0':>9} {'edges':>9}  {'loss':>6}  not reached",
     ]
@@ -94,6 +96,7 @@ def summary(doc: dict) -> str:
     common = doc["tasks"]["common"]
     names = ", ".join(common) or "none"
     lines.append(f"\ncircuit size: geometric mean over {len(common)} common tasks: {names}")
+    lines.append(f"intervals: {seed_note(doc)}")
     for name, claim in doc["claims"].items():
         lines.append(
             f"claim {name}: {claim['verdict']} (circuit size {claim['edges_verdict']}, loss "

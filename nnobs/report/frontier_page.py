@@ -156,6 +156,14 @@ def _claims(page: Page, doc: dict[str, Any]) -> None:
         )  # fmt: skip
 
 
+def seed_note(doc: dict[str, Any]) -> str:
+    """How many training seeds the intervals cover, and what one seed leaves out."""
+    seeds = len(doc["config"]["seeds"])
+    if seeds == 1:
+        return "one training seed: the intervals leave out initialisation variance"
+    return f"{seeds} training seeds"
+
+
 def render_frontier_section(page: Page, doc: dict[str, Any]) -> None:
     """The frontier section of a report page."""
     cfg, stats, timing = doc["config"], doc["statistics"], doc["timing"]
@@ -167,7 +175,8 @@ def render_frontier_section(page: Page, doc: dict[str, Any]) -> None:
         f"{len(common)} reached by every model ({escape(', '.join(common) or 'none')}) are "
         f"averaged. Loss on {stats['n_documents']} held-out documents. Intervals at "
         f"{1 - stats['level']:.0%}: bootstrap ({stats['n_boot']} resamples) over tasks, "
-        f"documents and training seeds. Training {timing['train_seconds']:.0f} s, scoring "
+        f"documents and training seeds ({seed_note(doc)}). Training "
+        f"{timing['train_seconds']:.0f} s, scoring "
         f"{timing['eval_seconds']:.0f} s, pruning {timing['sizing_seconds']:.0f} s of compute.</p>"
     )
     page.figure(
