@@ -32,11 +32,11 @@ SCHEMA_FILES = {
     "nnobs.routing": "routing.schema.json",
     "nnobs.features": "features.schema.json",
     "nnobs.drift": "drift.schema.json",
-    "nnobs.circuits_compare": "circuits_compare.schema.json",
-    "nnobs.frontier": "frontier.schema.json",
     "nnobs.circuits": "circuits.schema.json",
+    "nnobs.circuits_compare": "circuits_compare.schema.json",
     "nnobs.bridge": "bridge.schema.json",
     "nnobs.bridge_edit": "bridge_edit.schema.json",
+    "nnobs.frontier": "frontier.schema.json",
 }
 
 
@@ -50,8 +50,8 @@ def _known_kind(name: Any) -> str:
     """``name`` if it is one of ``SCHEMA_FILES``; otherwise a one-line NnobsError."""
     if not isinstance(name, str) or name not in SCHEMA_FILES:
         raise NnobsError(
-            f"not an nnobs result: unknown schema {_shown(name)} "
-            f"(nnobs writes nnobs.{{{','.join(k.removeprefix('nnobs.') for k in SCHEMA_FILES)}}})"
+            f"not an nnobs result: unknown schema {_shown(name)} (not one of the "
+            f"{len(SCHEMA_FILES)} kinds nnobs writes, such as nnobs.observe or nnobs.circuits)"
         )
     return name
 
