@@ -13,7 +13,7 @@ from nnobs.training.config import TrainConfig
 from nnobs.training.runconfig import load_run_config
 from nnobs.training.schedule import kept_fraction_at, lr_at
 from nnobs.training.sparsity import floor_mask, keep_largest, kept_count
-from nnobs.training.trainer import train
+from nnobs.training.trainer import normalise_grad_rms_, train
 
 # The paper's architecture at test size: RMSNorm, untied embeddings, 8-channel heads, biases.
 SPARSE_MC = ModelConfig(
@@ -22,7 +22,7 @@ SPARSE_MC = ModelConfig(
 )  # fmt: skip
 SPARSE_TC = TC.replace(
     weight_keep=0.1, min_nonzero=2, sparse_biases=True, keep_anneal=[0.1, 0.5], adam_eps=0.1,
-    grad_clip=0.0, grad_rms_clip=1.0, lr_schedule="linear", lr_keep_scaling=True,
+    grad_clip=0.0, grad_rms_normalise=True, lr_schedule="linear", lr_keep_scaling=True,
 )  # fmt: skip
 
 
@@ -123,6 +123,28 @@ class MomentsStayDense:
         self.checked += 1
 
 
+def test_gradients_are_divided_by_their_global_rms():
+    params = [torch.nn.Parameter(torch.zeros(3, 4)), torch.nn.Parameter(torch.zeros(5))]
+    params[0].grad = torch.full((3, 4), 1e-3)
+    params[1].grad = torch.arange(5.0) * 1e-4
+    before = torch.cat([p.grad.flatten() for p in params])
+    normalise_grad_rms_(params)
+    after = torch.cat([p.grad.flatten() for p in params])
+    assert after.square().mean().sqrt().item() == pytest.approx(1.0, rel=1e-6)
+    assert torch.allclose(after / after.norm(), before / before.norm())
+
+
+def test_with_epsilon_0_1_normalised_gradients_train_and_raw_ones_barely_move(tmp_path):
+    """AdamW with epsilon 0.1 on raw gradients (RMS ~1e-3) is SGD with a tiny rate."""
+    tc = TC.replace(steps=12, eval_every=12, adam_eps=0.1, grad_clip=0.0)
+    raw = train(SPARSE_MC, tc, tmp_path / "raw", progress=False)
+    normalised = train(
+        SPARSE_MC, tc.replace(grad_rms_normalise=True), tmp_path / "n", progress=False
+    )
+    start = math.log(SPARSE_MC.vocab_size)
+    assert start - normalised.val_loss > 2 * (start - raw.val_loss)  # 1.8 vs 0.5 nats
+
+
 def test_after_training_every_matrix_holds_its_kept_fraction_and_floor(tmp_path):
     check = MomentsStayDense()
     train(SPARSE_MC, SPARSE_TC, tmp_path, progress=False, hooks=[check])
@@ -165,7 +187,7 @@ def test_the_sparse_and_dense_presets_differ_only_in_sparsity():
     assert sparse_mc.head_dim == 16 and sparse_tc.tokenizer == "bpe_tasks"
     assert sparse_tc.replace(weight_keep=1.0, min_nonzero=0) == dense_tc
     assert sparse_tc.sparse and not dense_tc.sparse
-    assert sparse_tc.adam_eps == 0.1 and sparse_tc.grad_rms_clip == 1.0
+    assert sparse_tc.adam_eps == 0.1 and sparse_tc.grad_rms_normalise
     assert sparse_tc.warmup_steps == sparse_tc.steps // 100
 
 
@@ -174,7 +196,7 @@ def test_sigkill_then_resume_of_a_sparse_run_is_bit_identical(tmp_path):
     sigkill_then_resume(
         tmp_path,
         ["--set", "train.weight_keep=0.1", "--set", "train.min_nonzero=2",
-         "--set", "train.grad_rms_clip=1.0", "--set", "train.lr_keep_scaling=true",
+         "--set", "train.grad_rms_normalise=true", "--set", "train.lr_keep_scaling=true",
          "--set", "train.keep_anneal=[0.05,0.5]"],
     )  # fmt: skip
 

@@ -31,6 +31,7 @@ LATER_SETTINGS: dict[str, Any] = {
     "keep_anneal": (0.01, 0.5),
     "adam_eps": 1e-8,
     "grad_rms_clip": 0.0,
+    "grad_rms_normalise": False,
     "lr_schedule": "cosine",
     "lr_keep_scaling": False,
 }
@@ -56,10 +57,12 @@ class TrainConfig:
     magnitude, with every row and column holding at least ``min_nonzero`` of them; the kept
     fraction falls linearly from 1 to ``weight_keep`` between the fractions ``keep_anneal`` of
     training. ``lr_keep_scaling`` multiplies the learning rate by 1/sqrt(kept fraction);
-    ``lr_schedule="linear"`` decays linearly instead of by a cosine; ``grad_rms_clip`` caps
-    the global root-mean-square of the gradients (0 turns it off); ``adam_eps`` is AdamW's
-    epsilon. Tokenizer ``bpe_tasks`` is BPE in which every answer of the Python tasks
-    (:mod:`nnobs.data.python_tasks`) is one token.
+    ``lr_schedule="linear"`` decays linearly instead of by a cosine; ``grad_rms_normalise``
+    divides the gradients by their global root-mean-square before every step (Gao et al.:
+    with AdamW's ``adam_eps`` of 0.1 the updates are only Adam-like for gradients of RMS
+    about 1; raw gradients are far smaller); ``grad_rms_clip`` caps that RMS (0 turns it
+    off); ``adam_eps`` is AdamW's epsilon. Tokenizer ``bpe_tasks`` is BPE in which every
+    answer of the Python tasks (:mod:`nnobs.data.python_tasks`) is one token.
     """
 
     corpus: str = "stdlib"
@@ -89,6 +92,7 @@ class TrainConfig:
     keep_anneal: tuple[float, float] = (0.01, 0.5)
     adam_eps: float = 1e-8
     grad_rms_clip: float = 0.0
+    grad_rms_normalise: bool = False
     lr_schedule: str = "cosine"
     lr_keep_scaling: bool = False
 
@@ -147,7 +151,7 @@ class TrainConfig:
         check_number("train.adam_eps", self.adam_eps, 0, open_low=True)
         check_number("train.grad_rms_clip", self.grad_rms_clip, 0)
         check_choice("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
-        for name in ("sparse_biases", "lr_keep_scaling"):
+        for name in ("sparse_biases", "lr_keep_scaling", "grad_rms_normalise"):
             check_bool(f"train.{name}", getattr(self, name))
         anneal = self.keep_anneal
         if not (

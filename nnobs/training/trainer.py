@@ -113,6 +113,15 @@ class ExtraObjective(nn.Module):
             raise damaged(ckpt, f"its extra objective's weights do not fit ({e})") from e
 
 
+def normalise_grad_rms_(params: Sequence[nn.Parameter]) -> None:
+    """Divide the gradients in place by their root-mean-square over all ``params`` together,
+    so it becomes 1 (direction kept)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    numel = sum(g.numel() for g in grads)
+    rms = nn.utils.get_total_norm(grads) / math.sqrt(numel)
+    torch._foreach_div_(grads, rms.clamp_min(1e-12))
+
+
 def train(
     model_config: ModelConfig,
     train_config: TrainConfig,
@@ -375,6 +384,8 @@ class _Loop:
         loss.backward()
         if tc.grad_clip > 0:
             nn.utils.clip_grad_norm_(self.params, tc.grad_clip)
+        if tc.grad_rms_normalise:
+            normalise_grad_rms_(self.params)
         if tc.grad_rms_clip > 0:
             nn.utils.clip_grad_norm_(self.params, tc.grad_rms_clip * self.rms_to_norm)
         s.optimizer.step()
