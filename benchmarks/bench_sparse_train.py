@@ -25,7 +25,7 @@ import torch
 from nnobs.models.transformer import Transformer
 from nnobs.training.runconfig import load_run_config
 from nnobs.training.sparsity import WeightSparsity
-from nnobs.training.trainer import build_optimizer
+from nnobs.training.trainer import build_optimizer, normalise_grad_rms_
 
 
 def main() -> None:
@@ -39,7 +39,6 @@ def main() -> None:
     optimizer = build_optimizer(model, tc, torch.device("cpu"))
     hook = WeightSparsity(tc)
     params = list(model.parameters())
-    rms_to_norm = sum(p.numel() for p in params) ** 0.5
     gen = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, mc.vocab_size, (tc.batch_size, tc.seq_len + 1), generator=gen)
 
@@ -47,7 +46,7 @@ def main() -> None:
         start = time.perf_counter()
         loss, _ = model.training_loss(tokens[:, :-1], tokens[:, 1:])
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, tc.grad_rms_clip * rms_to_norm)
+        normalise_grad_rms_(params)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         dense_part = time.perf_counter() - start
