@@ -110,6 +110,21 @@ def check_model(adapter: ModelAdapter) -> ModelAdapter:
     return extended
 
 
+def reachable_items(
+    adapter: ModelAdapter, name: str, settings: CircuitSettings
+) -> tuple[TaskItems, float]:
+    """The task's items and the full model's loss on the bisection items; refused in one line
+    when that loss is above the target (no circuit can reach it)."""
+    items = task_items(adapter.tokenizer, name, settings)
+    full = float(checks.full_losses(circuit_adapter(adapter), items.bisect).mean())
+    if full > settings.target_loss:
+        raise NnobsError(
+            f"the full model's held-out loss on {name!r} is {full:.4f} nats, above the target "
+            f"{settings.target_loss}: no circuit can reach it (raise --target-loss)"
+        )
+    return items, full
+
+
 def node_records(locations: list[NodeLocation], kept: set[Node], tau: dict) -> list[dict]:
     """The kept nodes in forward order, with layer, kind, sublayer, channel and τ."""
     return [
@@ -163,13 +178,7 @@ def find_circuit(
     ``progress`` logs each stage."""
     say = log.info if progress else (lambda *_: None)
     extended = check_model(adapter)
-    items = task_items(adapter.tokenizer, name, settings)
-    full = float(checks.full_losses(extended, items.bisect).mean())
-    if full > settings.target_loss:
-        raise NnobsError(
-            f"the full model's held-out loss on {name!r} is {full:.4f} nats, above the target "
-            f"{settings.target_loss}: no circuit can reach it (raise --target-loss)"
-        )
+    items, full = reachable_items(adapter, name, settings)
     timing: dict[str, float] = {}
     start = time.perf_counter()
     say("· training masks on %s (%d steps)", name, settings.steps)

@@ -115,7 +115,7 @@ def refuse_other_results(out: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nnobs.circuits.find import check_model, find_circuit
+    from nnobs.circuits.find import check_model, find_circuit, reachable_items
     from nnobs.circuits.result import circuits_document
     from nnobs.circuits.sizes import reference_windows
     from nnobs.core.files import check_output_dir
@@ -133,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
     settings = _settings(args)
     adapter = load_adapter(args)
     check_model(adapter)
+    reachable_items(adapter, args.task, settings)  # refusals before the corpus is read
     reference = info = None
     if settings.ablation == "mean":
         reference, info = reference_windows(
