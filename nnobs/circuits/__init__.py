@@ -21,4 +21,10 @@ model continued from a site on the other's stream), :mod:`~nnobs.circuits.bridge
 documents), and :mod:`~nnobs.circuits.edit_transfer` with :mod:`~nnobs.circuits.bridge_edit`
 (an edit of a sparse-circuit channel carried into the dense model, tested against random
 channels of the same size).
+
+Across tasks and models: :mod:`~nnobs.circuits.sizes` (one model's circuit sizes over many
+tasks, resumable), :mod:`~nnobs.circuits.compare` (dense vs sparse at matched validation
+loss: geometric-mean edge ratio with a test over tasks) and the frontier study
+(:mod:`~nnobs.circuits.frontier` with its config, measurements and claim statistics: loss
+against circuit size over a width × L0 grid).
 """
