@@ -23,11 +23,7 @@ time (:func:`nnobs.core.lock.lock_directory`), and so has each run directory.
 
 from __future__ import annotations
 
-import concurrent.futures
-import multiprocessing
-import os
 import platform
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,6 +45,7 @@ from nnobs.core.errors import NnobsError
 from nnobs.core.files import read_json, write_json
 from nnobs.core.lock import lock_directory
 from nnobs.core.version import __version__
+from nnobs.core.workers import run_jobs
 from nnobs.models.sizing import count_params
 
 SCHEMA, SCHEMA_VERSION = "nnobs.frontier", 1
@@ -107,21 +104,6 @@ def run_unit(unit: Unit) -> dict[str, Any]:
 
 def _mtime(path: Path) -> int | None:
     return path.stat().st_mtime_ns if path.is_file() else None
-
-
-def _init_worker(threads: int, parent: int) -> None:
-    """Torch threads for a worker, and its end when the frontier's process ends, however it
-    ends: an orphaned worker would keep training a run that a rerun then finds locked."""
-    import torch
-
-    torch.set_num_threads(threads)
-    threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
-
-
-def _exit_with(parent: int) -> None:
-    while os.getppid() == parent:  # an orphan is given a new parent
-        time.sleep(1.0)
-    os._exit(1)
 
 
 def _units(cfg: FrontierConfig, out: Path, device: str, progress: bool) -> list[Unit]:
@@ -194,26 +176,7 @@ def _run_units(units: list[Unit], jobs: int, log: Callable[[str], None]) -> dict
             outcomes[(unit.point.name, unit.seed)] = outcome
             log(f"{count} {what}: {_describe(outcome)}")
 
-    if jobs == 1:
-        for unit in units:
-            try:
-                done(unit, run_unit(unit), None)
-            except NnobsError as e:
-                done(unit, None, e)
-    else:
-        threads = max(1, (os.cpu_count() or 1) // jobs)
-        with concurrent.futures.ProcessPoolExecutor(
-            max_workers=jobs,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=_init_worker,
-            initargs=(threads, os.getpid()),
-        ) as pool:
-            futures = {pool.submit(run_unit, unit): unit for unit in units}
-            for future in concurrent.futures.as_completed(futures):
-                error = future.exception()
-                if error is not None and not isinstance(error, NnobsError):
-                    raise error
-                done(futures[future], None if error else future.result(), error)
+    run_jobs(units, run_unit, jobs, done)
     if failures:
         raise NnobsError(
             f"{len(failures)} of {len(units)} models failed ({'; '.join(failures)}); the others "

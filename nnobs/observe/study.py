@@ -33,13 +33,6 @@ last checkpoint. The study directory and each run directory have one writer at a
 
 from __future__ import annotations
 
-import concurrent.futures
-import ctypes
-import multiprocessing
-import os
-import signal
-import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,6 +42,7 @@ from typing import Any
 from nnobs.core.errors import NnobsError
 from nnobs.core.files import write_json
 from nnobs.core.lock import lock_directory
+from nnobs.core.workers import run_jobs
 from nnobs.models.config import ModelConfig
 from nnobs.observe.study_config import StudyConfig, study_run_dir, variant_configs
 from nnobs.observe.study_summary import assemble, observed_checkpoints
@@ -68,34 +62,7 @@ class Unit:
     observe: TrajectorySettings
 
 
-_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 _BUSY_RUN = "wait for it or stop it, then re-run the study"
-
-
-def _init_worker(threads: int, parent: int) -> None:
-    _die_with_parent(parent)
-    import torch
-
-    torch.set_num_threads(threads)
-
-
-def _die_with_parent(parent: int) -> None:
-    """End this worker when the study process ends, however it ends (SIGKILL included): an
-    orphaned worker would keep training runs that a rerun trains again."""
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL) == 0:
-            if os.getppid() != parent:  # the parent died before prctl took effect
-                os._exit(1)
-            return
-    threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
-
-
-def _watch_parent(parent: int) -> None:
-    """Where the kernel cannot signal a parent's death: poll for it (orphans get a new PPID)."""
-    while os.getppid() == parent:
-        time.sleep(1.0)
-    os._exit(1)
 
 
 def run_unit(unit: Unit) -> dict[str, Any]:
@@ -211,26 +178,7 @@ def _run_units(
                 f"observe {outcome['observe_seconds']:.0f} s"
             )
 
-    if jobs == 1:
-        for unit in units:
-            try:
-                done(unit, run_unit(unit), None)
-            except NnobsError as e:
-                done(unit, None, e)
-    else:
-        context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(
-            max_workers=jobs,
-            mp_context=context,
-            initializer=_init_worker,
-            initargs=(max(1, (os.cpu_count() or 1) // jobs), os.getpid()),
-        ) as pool:
-            futures = {pool.submit(run_unit, unit): unit for unit in units}
-            for future in concurrent.futures.as_completed(futures):
-                error = future.exception()
-                if error is not None and not isinstance(error, NnobsError):
-                    raise error
-                done(futures[future], None if error else future.result(), error)
+    run_jobs(units, run_unit, jobs, done)
     if failures:
         raise NnobsError(
             f"{len(failures)} of {len(units)} runs failed ({'; '.join(failures)}); the others "
