@@ -174,6 +174,19 @@ def render_observe(page: Page, result: dict) -> None:
 # ----------------------------------------------------------------------------- entry
 
 
+# A directory holding one of these documents gets that kind's page (first match wins).
+RESULT_PAGES = [
+    ("study.json", "nnobs.study", render_study),
+    ("routing.json", "nnobs.routing", render_routing),
+    ("seeding.json", "nnobs.seeding", render_seeding),
+    ("compare.json", "nnobs.circuits_compare", render_circuits_compare),
+    ("frontier.json", "nnobs.frontier", render_frontier),
+    ("circuits.json", "nnobs.circuits", render_circuits),
+    ("bridge.json", "nnobs.bridge", render_bridge),
+    ("edit.json", "nnobs.bridge_edit", render_bridge_edit),
+]
+
+
 def _first(*paths: Path) -> Path | None:
     return next((p for p in paths if p.is_file()), None)
 
@@ -189,30 +202,9 @@ def render_report(directory: str | Path, out_dir: str | Path | None = None) -> P
         out = check_output_dir(directory / "report", "the report directory")
     else:
         out = check_output_dir(out_dir)
-    study = _first(directory / "study.json")
-    if study is not None:
-        return render_study(load_result(study, "nnobs.study"), out)
-    routing = _first(directory / "routing.json")
-    if routing is not None:
-        return render_routing(load_result(routing, "nnobs.routing"), out)
-    seeding = _first(directory / "seeding.json")
-    if seeding is not None:
-        return render_seeding(load_result(seeding, "nnobs.seeding"), out)
-    compare = _first(directory / "compare.json")
-    if compare is not None:
-        return render_circuits_compare(load_result(compare, "nnobs.circuits_compare"), out)
-    frontier = _first(directory / "frontier.json")
-    if frontier is not None:
-        return render_frontier(load_result(frontier, "nnobs.frontier"), out)
-    circuits = _first(directory / "circuits.json")
-    if circuits is not None:
-        return render_circuits(load_result(circuits, "nnobs.circuits"), out)
-    bridge = _first(directory / "bridge.json")
-    if bridge is not None:
-        return render_bridge(load_result(bridge, "nnobs.bridge"), out)
-    edit = _first(directory / "edit.json")
-    if edit is not None:
-        return render_bridge_edit(load_result(edit, "nnobs.bridge_edit"), out)
+    for filename, kind, render in RESULT_PAGES:
+        if (directory / filename).is_file():
+            return render(load_result(directory / filename, kind), out)
     run = RunDir(directory)  # a run directory's results, or results side by side
     traj = _first(run.trajectory_file, directory / "trajectory.json")
     obs = _first(run.observe_dir / "observe.json", directory / "observe.json")
