@@ -6,9 +6,7 @@ and for random-channel controls of the same size, and test the edit at α = 1
 
 from __future__ import annotations
 
-import platform
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
 
 import torch
 
@@ -30,7 +28,7 @@ from nnobs.circuits.prune import CircuitPruner
 from nnobs.circuits.task_loss import task_loss
 from nnobs.core.errors import NnobsError
 from nnobs.core.fields import check_bool, check_int, check_number
-from nnobs.core.version import __version__
+from nnobs.core.results import software_provenance
 from nnobs.data.tasks import EncodedTask
 from nnobs.models.adapter import ModelAdapter
 
@@ -180,12 +178,7 @@ def edit_document(config: dict, task: dict, chosen: dict, result: dict, settings
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
         "kind": "bridge_edit",
-        "provenance": {
-            "nnobs_version": __version__,
-            "torch_version": torch.__version__,
-            "host": platform.node(),
-            "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
-        },
+        "provenance": software_provenance(),
         "dense": config["dense"],
         "sparse": config["sparse"],
         "shape": config["shape"],

@@ -13,16 +13,13 @@ the resampled documents, so a long document weighs by its tokens, as in the poin
 
 from __future__ import annotations
 
-import platform
-from datetime import UTC, datetime
-
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from nnobs.circuits.bridge_loss import HYBRIDS, bridge_terms
 from nnobs.circuits.bridge_model import Bridges
-from nnobs.core.version import __version__
+from nnobs.core.results import software_provenance
 from nnobs.data.windows import Windows
 from nnobs.measure.stats import percentile_interval
 from nnobs.models.adapter import ModelAdapter
@@ -148,12 +145,7 @@ def bridge_document(config: dict, evaluation: dict, heldout: dict, curve: list[d
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
         "kind": "bridge",
-        "provenance": {
-            "nnobs_version": __version__,
-            "torch_version": torch.__version__,
-            "host": platform.node(),
-            "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
-        },
+        "provenance": software_provenance(),
         "dense": config["dense"],
         "sparse": config["sparse"],
         "settings": config["settings"],

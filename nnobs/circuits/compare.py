@@ -20,10 +20,8 @@ calibration (null ≈ nominal rate, planted ratio found) is tested on simulated 
 from __future__ import annotations
 
 import math
-import platform
 import time
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +29,8 @@ import numpy as np
 
 from nnobs.circuits.sizes import check_tasks, checkpoint_info, circuit_sizes, pruner_settings
 from nnobs.core.errors import NnobsError
+from nnobs.core.results import software_provenance
 from nnobs.core.rundir import list_checkpoints, read_meta, read_metrics
-from nnobs.core.version import __version__
 from nnobs.measure.stats import bootstrap_ci
 
 SCHEMA = "nnobs.circuits_compare"
@@ -222,11 +220,7 @@ def compare_circuits(
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
         "kind": "circuits_compare",
-        "provenance": {
-            "nnobs_version": __version__,
-            "host": platform.node(),
-            "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
-        },
+        "provenance": software_provenance(),
         "settings": {
             "tasks": names,
             "target_loss": target_loss,

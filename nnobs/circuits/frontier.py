@@ -23,11 +23,9 @@ time (:func:`nnobs.core.lock.lock_directory`), and so has each run directory.
 
 from __future__ import annotations
 
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +42,7 @@ from nnobs.circuits.frontier_stats import FrontierMeasures, claim_verdicts, pare
 from nnobs.core.errors import NnobsError
 from nnobs.core.files import read_json, write_json
 from nnobs.core.lock import lock_directory
-from nnobs.core.version import __version__
+from nnobs.core.results import software_provenance
 from nnobs.core.workers import run_jobs
 from nnobs.models.sizing import count_params
 
@@ -229,7 +227,6 @@ def _unit_entry(outcome: dict[str, Any]) -> dict[str, Any]:
 
 def frontier_document(cfg: FrontierConfig, outcomes: dict, wall_s: float) -> dict[str, Any]:
     """The result document (schema ``nnobs.frontier``)."""
-    import torch
 
     points = cfg.points()
     entries = {p.name: [_unit_entry(outcomes[(p.name, s)]) for s in cfg.seeds] for p in points}
@@ -266,12 +263,7 @@ def frontier_document(cfg: FrontierConfig, outcomes: dict, wall_s: float) -> dic
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
         "kind": "frontier",
-        "provenance": {
-            "nnobs_version": __version__,
-            "torch_version": torch.__version__,
-            "host": platform.node(),
-            "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
-        },
+        "provenance": software_provenance(),
         "config": cfg.to_dict(),
         "tasks": {"all": list(cfg.tasks), "common": common},
         "points": rows,

@@ -11,13 +11,9 @@ the masks trained on, the method can fit noise on this task.
 
 from __future__ import annotations
 
-import platform
-from datetime import UTC, datetime
 from typing import Any
 
-import torch
-
-from nnobs.core.version import __version__
+from nnobs.core.results import software_provenance
 
 SCHEMA = "nnobs.circuits"
 SCHEMA_VERSION = 1
@@ -92,12 +88,7 @@ def circuits_document(
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
         "kind": "circuits",
-        "provenance": {
-            "nnobs_version": __version__,
-            "torch_version": torch.__version__,
-            "host": platform.node(),
-            "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
-        },
+        "provenance": software_provenance(),
         "model": model,
         "reference": reference,
         **sections,

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import math
+import platform
+from datetime import UTC, datetime
 from functools import cache
-from importlib import resources
+from importlib import metadata, resources
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ import numpy as np
 
 from nnobs.core.errors import NnobsError
 from nnobs.core.files import write_json
+from nnobs.core.version import __version__
 
 # The result kinds nnobs writes and the schema file of each, in nnobs/core/schemas/.
 SCHEMA_FILES = {
@@ -44,6 +47,16 @@ def _shown(value: Any) -> str:
     """``repr(value)`` cut to a length that fits in a one-line error."""
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def software_provenance() -> dict[str, str]:
+    """What computed a result, for its ``provenance``: nnobs and torch versions, host, time."""
+    return {
+        "nnobs_version": __version__,
+        "torch_version": metadata.version("torch"),
+        "host": platform.node(),
+        "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
 
 
 def _known_kind(name: Any) -> str:

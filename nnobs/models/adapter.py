@@ -10,19 +10,17 @@ nnobs (capture, probes, interventions) talks only to this interface.
 
 from __future__ import annotations
 
-import platform
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from nnobs.core.errors import NnobsError
-from nnobs.core.version import __version__
+from nnobs.core.results import software_provenance
 from nnobs.models.sites import LAYER_SITE_KINDS, ROUTE_SITE_KINDS
 
 Edit = Callable[[torch.Tensor], torch.Tensor]
@@ -242,9 +240,6 @@ def provenance(adapter: ModelAdapter) -> dict:
     """The model's provenance plus the software, device, host and time of this computation."""
     return {
         **adapter.provenance,
-        "nnobs_version": __version__,
-        "torch_version": torch.__version__,
+        **software_provenance(),
         "device": str(adapter.device),
-        "host": platform.node(),
-        "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
     }

@@ -8,16 +8,14 @@ how far the weights stray from the schedule.
 
 from __future__ import annotations
 
-import platform
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
 
 import numpy as np
 import torch
 
 from nnobs.core.errors import NnobsError
-from nnobs.core.version import __version__
+from nnobs.core.results import software_provenance
 from nnobs.data.windows import Windows
 from nnobs.models.adapter import ModelAdapter, provenance
 from nnobs.routing.analysis import band_names, measure_routing, routing_cells
@@ -140,12 +138,7 @@ def routing_document(entries: list[dict], settings: RoutingSettings, windows_inf
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
         "kind": "routing",
-        "provenance": {
-            "nnobs_version": __version__,
-            "torch_version": torch.__version__,
-            "host": platform.node(),
-            "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
-        },
+        "provenance": software_provenance(),
         "settings": {**asdict(settings), "measures": list(MEASURES)},
         "windows": windows_info,
         "models": entries,
