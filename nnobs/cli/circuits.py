@@ -15,7 +15,7 @@ import importlib
 import json
 from pathlib import Path
 
-from nnobs.cli.common import load_adapter, output_dir, subcommand
+from nnobs.cli.common import add_mask_training_args, load_adapter, output_dir, subcommand
 from nnobs.core.errors import NnobsError
 
 # Modules adding an action under ``nnobs circuits`` (each has ``register(actions)``).
@@ -63,18 +63,9 @@ def add_pruning_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", metavar="DIR", help="directory for the results")
     parser.add_argument("--step", type=int, help="checkpoint step (default: last)")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    parser.add_argument(
-        "--target-loss", type=float, default=0.15, help="held-out task loss, nats (0.15)"
-    )
-    parser.add_argument("--ablation", choices=("mean", "zero"), default="mean")
-    parser.add_argument("--k-coef", type=float, default=1e-4, help="penalty per active node")
-    parser.add_argument("--steps", type=int, default=500, help="mask training steps")
-    parser.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate of the gates")
-    parser.add_argument("--batch", type=int, default=64, help="task items per step")
+    add_mask_training_args(parser)
     parser.add_argument("--temperature", type=float, default=1.0, help="surrogate temperature")
     parser.add_argument("--seed", type=int, default=0, help="seed of gates, items and checks")
-    parser.add_argument("--n-train", type=int, default=512, help="task items the masks train on")
-    parser.add_argument("--n-heldout", type=int, default=128, help="held-out items to bisect on")
     parser.add_argument("--n-check", type=int, default=128, help="held-out items for the checks")
     parser.add_argument(
         "--n-random", type=int, default=99, help="random node sets of the necessity test (99)"

@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from nnobs.cli.common import output_dir, subcommand
+from nnobs.cli.common import add_mask_training_args, output_dir, subcommand
 from nnobs.core.errors import NnobsError
 
 SCHEMA = "nnobs.circuits_compare"
@@ -52,18 +52,11 @@ def register(actions: argparse._SubParsersAction) -> None:
     parser.add_argument("--sparse", required=True, metavar="RUN", help="the sparse nnobs run")
     parser.add_argument("--out", required=True, metavar="DIR", help="directory for the results")
     parser.add_argument("--tasks", type=task_list, help="comma-separated tasks (default: all 20)")
-    parser.add_argument("--target-loss", type=float, default=0.15, help="task loss, nats (0.15)")
     parser.add_argument("--sparse-step", type=int, help="sparse checkpoint (default: last)")
     parser.add_argument(
         "--dense-step", type=int, help="dense checkpoint (default: closest validation loss)"
     )
-    parser.add_argument("--ablation", choices=("mean", "zero"), default="mean")
-    parser.add_argument("--k-coef", type=float, default=1e-4, help="penalty per active node")
-    parser.add_argument("--steps", type=int, default=500, help="mask training steps (500)")
-    parser.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate of the gates")
-    parser.add_argument("--batch", type=int, default=64, help="task items per step (64)")
-    parser.add_argument("--n-train", type=int, default=512, help="task items pruning trains on")
-    parser.add_argument("--n-heldout", type=int, default=128, help="held-out items to bisect on")
+    add_mask_training_args(parser)
     parser.add_argument("--level", type=float, default=0.05, help="test level (0.05)")
     parser.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples (2000)")
     parser.add_argument("--seed", type=int, default=0, help="seed of gates, items, bootstrap")

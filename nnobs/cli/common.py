@@ -79,6 +79,20 @@ def add_intervention_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed for resampling and bootstrap")
 
 
+def add_mask_training_args(parser: argparse.ArgumentParser) -> None:
+    """The circuit-pruning options every circuits command shares (the paper's defaults)."""
+    parser.add_argument(
+        "--target-loss", type=float, default=0.15, help="held-out task loss, nats (0.15)"
+    )
+    parser.add_argument("--ablation", choices=("mean", "zero"), default="mean")
+    parser.add_argument("--k-coef", type=float, default=1e-4, help="penalty per active node")
+    parser.add_argument("--steps", type=int, default=500, help="mask training steps (500)")
+    parser.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate of the gates")
+    parser.add_argument("--batch", type=int, default=64, help="task items per step (64)")
+    parser.add_argument("--n-train", type=int, default=512, help="task items the masks train on")
+    parser.add_argument("--n-heldout", type=int, default=128, help="held-out items to bisect on")
+
+
 def add_task_args(parser: argparse.ArgumentParser, required: bool) -> None:
     """--task, --n-items and --align: the prompt-pair task an intervention runs on."""
     parser.add_argument(
