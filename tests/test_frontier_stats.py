@@ -118,3 +118,22 @@ def test_pareto_points():
         False,
         False,
     ]
+
+
+def test_each_comparison_uses_the_tasks_both_models_reach():
+    rng = np.random.default_rng(11)
+    m = simulate(rng, sparser=(-3.0, 0.2), wider=(-3.0, -0.2))
+    m.log_edges[0, :, :3] = np.nan  # w64-dense misses tasks 0-2
+    m.log_edges[5, :, 3:] = np.nan  # w128-nz250 misses tasks 3-5: no task is common
+    names = [f"t{i}" for i in range(6)]
+    doc = claim_verdicts(m, POINTS, tasks=names, n_boot=500)
+    assert doc["n_tasks"] == 0
+    assert [p["geomean_edges"] for p in doc["points"]] == [None] * 6
+    shared = {(c["from"], c["to"]): c["tasks"] for k in ("sparser", "wider")
+              for c in doc["claims"][k]["comparisons"]}  # fmt: skip
+    assert shared[("w64-dense", "w64-nz1000")] == ["t3", "t4", "t5"]
+    assert shared[("w64-nz1000", "w64-nz250")] == names
+    assert shared[("w128-nz1000", "w128-nz250")] == ["t0", "t1", "t2"]
+    assert shared[("w64-nz250", "w128-nz250")] == ["t0", "t1", "t2"]
+    for claim in doc["claims"].values():  # the planted effects are found pair by pair
+        assert claim["edges_verdict"] == "supported", claim["comparisons"]

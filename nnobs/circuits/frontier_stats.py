@@ -1,19 +1,23 @@
 """The frontier's statistics: each model's geometric-mean circuit size and pretraining loss
 with intervals, and the paper's two claims as tests with verdicts.
 
-**Measures.** Per grid point and training seed: ``log(edges + 1)`` of each task every model
-reaches (a circuit can have no edges; :func:`nnobs.circuits.sizes.geomean_edges` counts the
-same way) and the summed next-token loss of each evaluation document, with its token count
-(every model is scored on the same documents). A point's circuit size is the geometric mean
-of ``edges + 1`` over tasks and seeds, minus 1; a ratio of sizes is the ratio of those
-geometric means of ``edges + 1``. Its loss is the token-weighted mean over documents, averaged
-over seeds.
+**Measures.** Per grid point and training seed: ``log(edges + 1)`` of each task (NaN where
+the model does not reach the target loss; a circuit can have no edges, and
+:func:`nnobs.circuits.sizes.geomean_edges` counts the same way) and the summed next-token loss
+of each evaluation document, with its token count (every model is scored on the same
+documents). A point's circuit size is the geometric mean of ``edges + 1`` over seeds and the
+*common* tasks (those every model reaches at every seed), minus 1, so every point is averaged
+over the same tasks. A comparison of two points uses the tasks *both* reach: the ratio of
+their geometric means of ``edges + 1`` over those tasks (a pair often shares more tasks than
+the whole grid does). A point's loss is the token-weighted mean over documents, averaged over
+seeds.
 
 **Intervals.** One bootstrap draws tasks (shared by every point: the comparison is paired),
 documents (shared likewise) and, per point, training seeds, all with replacement. A
 difference between two points has the bootstrap's standard error, widened by √(n/(n−1)) (the
 bootstrap's own small-sample bias), and a Student t reference with n − 1 degrees of freedom,
-n the number of units resampled (tasks for circuit size, documents for loss): with a handful
+n the number of units resampled (the comparison's tasks for circuit size, documents for
+loss): with a handful
 of tasks a percentile interval would be too narrow, and the tests on simulated grids
 (``tests/test_frontier_stats.py``) hold the level with this one (with one training seed it is
 the paired t-test over tasks; with several, the seeds' variance is counted both through the
@@ -58,8 +62,10 @@ CLAIMS = {
 
 @dataclass
 class FrontierMeasures:
-    """``log_edges`` (points, seeds, tasks); ``loss_sums`` (points, seeds, documents), each
-    document's summed token loss; ``doc_tokens`` (documents,), its scored tokens."""
+    """``log_edges`` (points, seeds, tasks), NaN where a model did not reach a task;
+    ``loss_sums`` (points, seeds, documents), each document's summed token loss;
+    ``doc_tokens`` (documents,), its scored tokens. :meth:`estimates` and :meth:`replicates`
+    need every edge count finite: :meth:`select` the tasks first."""
 
     log_edges: np.ndarray
     loss_sums: np.ndarray
@@ -76,6 +82,16 @@ class FrontierMeasures:
                 f"{self.loss_sums.shape}, document tokens {self.doc_tokens.shape}"
             )
 
+    def reached(self) -> np.ndarray:
+        """(points, tasks): whether each model reaches each task at every seed."""
+        return np.isfinite(self.log_edges).all(axis=1)
+
+    def select(self, points: list[int], tasks: np.ndarray) -> FrontierMeasures:
+        """The measures of some points over some tasks (a boolean mask)."""
+        idx = np.asarray(points, dtype=int)
+        return FrontierMeasures(self.log_edges[idx][:, :, tasks], self.loss_sums[idx],
+                                self.doc_tokens)  # fmt: skip
+
     @property
     def n_tasks(self) -> int:
         return self.log_edges.shape[2]
@@ -87,7 +103,7 @@ class FrontierMeasures:
     def estimates(self) -> tuple[np.ndarray, np.ndarray]:
         """Per point: mean log edges over seeds and tasks, and mean loss (nats per token)."""
         loss = self.loss_sums.sum(2) / self.doc_tokens.sum()
-        if self.n_tasks == 0:  # no task every model reaches: no circuit size to compare
+        if self.n_tasks == 0:  # no task to average over: no circuit size to compare
             return np.full(len(loss), np.nan), loss.mean(1)
         return self.log_edges.mean(axis=(1, 2)), loss.mean(1)
 
@@ -159,14 +175,21 @@ def claim_verdicts(
     measures: FrontierMeasures,
     points: list[dict[str, Any]],
     *,
+    tasks: list[str] | None = None,
     n_boot: int = 2000,
     level: float = 0.05,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Each point's estimates with intervals, and each claim's comparisons and verdicts."""
-    log_edges, loss = measures.estimates()
-    rep_edges, rep_loss = measures.replicates(n_boot, seed)
-    units = {"edges": measures.n_tasks, "loss": measures.n_docs}
+    """Each point's estimates with intervals (circuit size over the common tasks), and each
+    claim's comparisons (circuit size over the tasks both models reach, named from ``tasks``)
+    and verdicts."""
+    names = tasks if tasks is not None else [f"task {i}" for i in range(measures.n_tasks)]
+    reached = measures.reached()
+    common = reached.all(axis=0)
+    everyone = measures.select(list(range(len(points))), common)
+    log_edges, loss = everyone.estimates()
+    rep_edges, rep_loss = everyone.replicates(n_boot, seed)
+    units = {"edges": everyone.n_tasks, "loss": measures.n_docs}
     per_point = []
     for i in range(len(points)):
         edges_t = difference_test(log_edges[i], rep_edges[:, i], units["edges"], level)
@@ -182,8 +205,12 @@ def claim_verdicts(
         statement, edge_sign, loss_sign = CLAIMS[name]
         comparisons, edge_tests, loss_tests = [], [], []
         for a, b in pairs:
-            e = difference_test(log_edges[b] - log_edges[a], rep_edges[:, b] - rep_edges[:, a],
-                       units["edges"], level)  # fmt: skip
+            shared = reached[a] & reached[b]
+            both = measures.select([a, b], shared)
+            pair_edges, _ = both.estimates()
+            pair_reps, _ = both.replicates(n_boot, seed)
+            edges_delta = pair_edges[1] - pair_edges[0]
+            e = difference_test(edges_delta, pair_reps[:, 1] - pair_reps[:, 0], both.n_tasks, level)
             l_ = difference_test(
                 loss[b] - loss[a], rep_loss[:, b] - rep_loss[:, a], units["loss"], level
             )
@@ -191,7 +218,8 @@ def claim_verdicts(
             loss_tests.append((l_, loss_sign))
             comparisons.append({
                 "from": points[a]["name"], "to": points[b]["name"],
-                "edges_ratio": _finite(np.exp(log_edges[b] - log_edges[a])),
+                "tasks": [t for t, here in zip(names, shared, strict=True) if here],
+                "edges_ratio": _finite(np.exp(edges_delta)),
                 "edges_ratio_ci": None if e["ci"] is None else np.exp(e["ci"]).tolist(),
                 "edges_p_claimed": e["p_below"] if edge_sign < 0 else e["p_above"],
                 "loss_difference": float(loss[b] - loss[a]), "loss_difference_ci": l_["ci"],
@@ -205,7 +233,7 @@ def claim_verdicts(
             "loss_verdict": _verdict(loss_tests, level),
         }
     return {"points": per_point, "claims": claims, "level": level, "n_boot": n_boot,
-            "n_tasks": measures.n_tasks, "n_documents": measures.n_docs}  # fmt: skip
+            "n_tasks": units["edges"], "n_documents": measures.n_docs}  # fmt: skip
 
 
 def _finite(value: float) -> float | None:

@@ -25,8 +25,9 @@ scores each on held-out documents and prunes a circuit for each task to the targ
 Reports loss against the geometric mean of circuit edges over the tasks every model reaches
 (tasks a model cannot reach are listed per model), and tests the paper's two claims: at a fixed
 width sparser models have smaller circuits but higher loss; at a fixed L0 more total parameters
-give smaller circuits and lower loss. Each claim: supported, contradicted or inconclusive at the
-config's level, with bootstrap intervals over tasks, documents and seeds.
+give smaller circuits and lower loss. Each comparison of two models is paired over the tasks
+both reach. Each claim: supported, contradicted or inconclusive at the config's level, with
+bootstrap intervals over tasks, documents and seeds.
 
 The cpu preset (6 models of width 32 and 64, 1000 steps, 8 tasks) took 65 minutes with
 --jobs 2 on 2 CPU cores shared with heavier jobs; about 30-35 minutes on 2 free cores
@@ -95,7 +96,10 @@ def summary(doc: dict) -> str:
         )
     common = doc["tasks"]["common"]
     names = ", ".join(common) or "none"
-    lines.append(f"\ncircuit size: geometric mean over {len(common)} common tasks: {names}")
+    lines.append(
+        f"\ncircuit size: geometric mean over {len(common)} common tasks: {names} (each "
+        "comparison: over the tasks both of its models reach)"
+    )
     lines.append(f"intervals: {seed_note(doc)}")
     for name, claim in doc["claims"].items():
         lines.append(

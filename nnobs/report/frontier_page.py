@@ -146,13 +146,13 @@ def _claims(page: Page, doc: dict[str, Any]) -> None:
             page.add("<p class='meta'>The grid has no pair of models this claim compares.</p>")
             continue
         page.table(
-            ["from", "to", "edges ratio", "p (claimed)", "Δ loss", "p (claimed)"],
-            [[escape(c["from"]), escape(c["to"]),
+            ["from", "to", "tasks", "edges ratio", "p (claimed)", "Δ loss", "p (claimed)"],
+            [[escape(c["from"]), escape(c["to"]), escape(", ".join(c["tasks"]) or "none"),
               f"{number(c['edges_ratio'], 2, sign=False)} {_interval_text(c['edges_ratio_ci'], 2)}",
               f"{c['edges_p_claimed']:.3f}",
               f"{number(c['loss_difference'], 3)} {_interval_text(c['loss_difference_ci'], 3)}",
               f"{c['loss_p_claimed']:.3f}"] for c in claim["comparisons"]],
-            numeric={2, 3, 4, 5},
+            numeric={3, 4, 5, 6},
         )  # fmt: skip
 
 
@@ -173,7 +173,7 @@ def render_frontier_section(page: Page, doc: dict[str, Any]) -> None:
         f'<p class="meta">{escape(cfg.get("description", ""))} Circuits pruned to a held-out '
         f"task loss of {cfg['target_loss']} nats for {len(doc['tasks']['all'])} tasks; "
         f"{len(common)} reached by every model ({escape(', '.join(common) or 'none')}) are "
-        f"averaged. Loss on {stats['n_documents']} held-out documents. Intervals at "
+        f"averaged per model; each comparison of two models uses the tasks both reach. Loss on {stats['n_documents']} held-out documents. Intervals at "
         f"{1 - stats['level']:.0%}: bootstrap ({stats['n_boot']} resamples) over tasks, "
         f"documents and training seeds ({seed_note(doc)}). Training "
         f"{timing['train_seconds']:.0f} s, scoring "
