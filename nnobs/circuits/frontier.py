@@ -9,9 +9,9 @@ loss (:func:`nnobs.circuits.sizes.circuit_sizes`). The statistics are in
 :mod:`nnobs.circuits.frontier_stats`.
 
 **Tasks a model cannot reach.** A task whose full model misses the target loss has no circuit
-at that loss; it is reported per model, and the geometric means and claims use only the tasks
+at that loss; it is reported per model. Each point's geometric mean uses only the tasks
 *every* model reaches (the common tasks), so every point's circuit size is a mean over the
-same tasks and comparisons stay paired.
+same tasks; each comparison of two models uses the tasks both reach, so it stays paired.
 
 **Layout.** ``OUT/config.json`` (the resolved frontier), ``OUT/runs/<point>/seed_<k>/`` (run
 directories), ``OUT/measures/<point>/seed_<k>/`` (``loss.json`` and ``sizes/<task>.json``),
@@ -105,9 +105,12 @@ def _mtime(path: Path) -> int | None:
 
 
 def _units(cfg: FrontierConfig, out: Path, device: str, progress: bool) -> list[Unit]:
+    """Every unit, the largest models first: a step costs about the same at any kept fraction
+    and grows with the width, so starting the slowest first keeps every job busy to the end."""
+    points = sorted(cfg.points(), key=lambda p: -count_params(p.model))
     return [
         Unit(p, s, run_dir(out, p.name, s), measures_dir(out, p.name, s), cfg, device, progress)
-        for p in cfg.points()
+        for p in points
         for s in cfg.seeds
     ]
 
@@ -183,11 +186,9 @@ def _run_units(units: list[Unit], jobs: int, log: Callable[[str], None]) -> dict
     return outcomes
 
 
-def _measures(
-    cfg: FrontierConfig, points: list[GridPoint], outcomes: dict, common: list[str]
-) -> FrontierMeasures:
-    """The claims' inputs over the common tasks; every model must have been scored on the same
-    documents."""
+def _measures(cfg: FrontierConfig, points: list[GridPoint], outcomes: dict) -> FrontierMeasures:
+    """The claims' inputs over every task (NaN where a model misses the target); every model
+    must have been scored on the same documents."""
     first = outcomes[(points[0].name, cfg.seeds[0])]["loss"]
     edges, sums = [], []
     for p in points:
@@ -198,11 +199,14 @@ def _measures(
                     f"{p.name} was scored on other documents than {points[0].name}: the "
                     "models must share the corpus and tokenizer"
                 )
-        edges.append([[np.log1p(o["sizes"]["tasks"][t]["edges"]) for t in common] for o in runs])
+        edges.append([[_log_edges(o["sizes"]["tasks"][t]) for t in cfg.tasks] for o in runs])
         sums.append([o["loss"]["sums"] for o in runs])
-    n = len(common)
-    log_edges = np.array(edges, dtype=np.float64).reshape(len(points), len(cfg.seeds), n)
+    log_edges = np.array(edges, dtype=np.float64).reshape(len(points), len(cfg.seeds), -1)
     return FrontierMeasures(log_edges, np.array(sums), np.array(first["tokens"]))
+
+
+def _log_edges(record: dict[str, Any]) -> float:
+    return float(np.log1p(record["edges"])) if record["reached"] else np.nan
 
 
 def _unit_entry(outcome: dict[str, Any]) -> dict[str, Any]:
@@ -237,7 +241,11 @@ def frontier_document(cfg: FrontierConfig, outcomes: dict, wall_s: float) -> dic
     common = [t for t in cfg.tasks if not any(t in missed for missed in not_reached.values())]
     info = [{"name": p.name, "width": p.width, "nonzero": p.nonzero} for p in points]
     stats = claim_verdicts(
-        _measures(cfg, points, outcomes, common), info, n_boot=cfg.n_boot, level=cfg.level
+        _measures(cfg, points, outcomes),
+        info,
+        tasks=list(cfg.tasks),
+        n_boot=cfg.n_boot,
+        level=cfg.level,
     )
     measured = stats["points"]
     sized = [i for i, m in enumerate(measured) if m["geomean_edges"] is not None]
