@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import nnobs.circuits.sizes
-from nnobs.circuits.frontier import frontier_document, run_frontier
+from nnobs.circuits.frontier import _units, frontier_document, run_frontier
 from nnobs.circuits.frontier_config import (
     load_frontier_config,
     matrix_params,
@@ -46,19 +46,24 @@ def micro(corpus, **frontier) -> dict:
     }  # fmt: skip
 
 
-def test_the_cpu_preset_holds_l0_fixed_across_widths():
+def test_the_cpu_preset_holds_l0_fixed_across_widths(tmp_path):
     cfg = load_frontier_config("cpu")
     points = cfg.points()
     assert [p.name for p in points] == [
-        "w32-dense", "w32-nz39936", "w32-nz9984", "w64-dense", "w64-nz39936", "w64-nz9984",
+        "w64-dense", "w64-nz92160", "w64-nz46080", "w128-dense", "w128-nz92160", "w128-nz46080",
     ]  # fmt: skip
     for p in points:
         assert p.model.d_model == p.width and p.model.d_mlp == 4 * p.width
         assert p.model.n_heads * 16 == p.width and p.train.tokenizer == "bpe_tasks"
         if p.nonzero is not None:  # kept fraction × matrix weights = the same L0 at each width
             assert p.train.weight_keep * matrix_params(p.model) == pytest.approx(p.nonzero)
-    assert points[1].keep == pytest.approx(0.25) and points[2].keep == pytest.approx(1 / 16)
+    assert points[1].keep == pytest.approx(0.25) and points[2].keep == pytest.approx(1 / 8)
+    sparse = points[1].train  # the paper's optimiser, as in the `sparse` preset
+    assert sparse.grad_rms_normalise and sparse.adam_eps == 0.1 and sparse.lr_keep_scaling
     assert len({(p.train.steps, p.train.data_seed, p.train.batch_size) for p in points}) == 1
+    # the slowest (widest) models start first, so no job sits idle while one trains alone
+    order = [u.point.name for u in _units(cfg, tmp_path, "cpu", progress=False)]
+    assert order == [p.name for p in points[3:] + points[:3]]
 
 
 def to_toml(tables: dict) -> str:
@@ -77,7 +82,7 @@ def test_a_micro_frontier_resumes_after_an_interruption(
     real = nnobs.circuits.sizes.circuit_sizes
     calls = []
 
-    def interrupted(run, *args, **kwargs):  # Ctrl-C while pruning the second model
+    def interrupted(run, *args, **kwargs):  # Ctrl-C while pruning the second (narrow) model
         calls.append(run)
         if len(calls) == 2:
             raise KeyboardInterrupt
@@ -88,20 +93,20 @@ def test_a_micro_frontier_resumes_after_an_interruption(
         run_frontier(cfg, out)
     monkeypatch.setattr(nnobs.circuits.sizes, "circuit_sizes", real)
     assert not (out / "frontier.json").exists()
-    wide = out / "runs" / "w32-nz2000" / "seed_0" / "checkpoints"
-    shutil.rmtree(wide / "step_000016")  # and its training was cut short too
-    narrow = out / "runs" / "w16-nz2000" / "seed_0" / "checkpoints" / "step_000016"
-    kept = (narrow / "model.safetensors").stat().st_mtime_ns
+    narrow = out / "runs" / "w16-nz2000" / "seed_0" / "checkpoints"
+    shutil.rmtree(narrow / "step_000016")  # and its training was cut short too
+    wide = out / "runs" / "w32-nz2000" / "seed_0" / "checkpoints" / "step_000016"
+    kept = (wide / "model.safetensors").stat().st_mtime_ns
 
     doc = run_frontier(cfg, out)
     assert doc == load_result(out / "frontier.json", "nnobs.frontier")
     runs = {p["name"]: p["runs"][0] for p in doc["points"]}
     assert (
-        runs["w16-nz2000"]["status"] == "complete" and runs["w16-nz2000"]["tasks_pruned_now"] == []
+        runs["w32-nz2000"]["status"] == "complete" and runs["w32-nz2000"]["tasks_pruned_now"] == []
     )
-    assert runs["w32-nz2000"]["status"] == "resumed"
-    assert runs["w32-nz2000"]["tasks_pruned_now"] == TASKS
-    assert (narrow / "model.safetensors").stat().st_mtime_ns == kept
+    assert runs["w16-nz2000"]["status"] == "resumed"
+    assert runs["w16-nz2000"]["tasks_pruned_now"] == TASKS
+    assert (wide / "model.safetensors").stat().st_mtime_ns == kept
     for p in doc["points"]:
         assert p["l0"] <= 2000 + p["n_params"] - p["matrix_params"]  # norms stay dense
         assert p["runs"][0]["step"] == 16 and p["not_reached"] == []
