@@ -65,14 +65,21 @@ def frontier_plot(doc: dict[str, Any], path: str | Path) -> Path:
         ax.errorbar(xi, p["loss"], xerr=_errors(xi, ci), yerr=_errors(p["loss"], p["loss_ci"]),
                     color=colour, capsize=2, linestyle="none", zorder=1)  # fmt: skip
         ax.scatter([xi], [p["loss"]], s=size, color=colour, edgecolor="black", zorder=2)
-        ax.annotate(
-            p["name"], (xi, p["loss"]), fontsize=7, xytext=(6, 4), textcoords="offset points"
-        )
     pareto = sorted((xi, p["loss"]) for p, xi in zip(points, x, strict=True) if p["pareto"])
     ax.plot(*zip(*pareto, strict=True), color="grey", linestyle="--", linewidth=0.8, zorder=0)
     ax.set_xscale("log")
+    # a decade beyond the points: with few tasks the intervals span many decades, and an axis
+    # drawn to their ends would squeeze every point into one spot
+    low, high = x.min() / 10, x.max() * 10
+    clipped = any(
+        ci is not None and (ci[0] + 1 < low or ci[1] + 1 > high)
+        for ci in (p["geomean_edges_ci"] for p in points)
+    )
+    ax.set_xlim(low, high)
+    _label_points(ax, x, [p["loss"] for p in points], [p["name"] for p in points])
     ax.set_xlabel(
         f"circuit size: geometric mean of edges + 1 over {len(doc['tasks']['common'])} tasks"
+        + (" (bars cut at the axis)" if clipped else "")
     )
     ax.set_ylabel("pretraining loss on held-out documents (nats/token)")
     bar = fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax)
@@ -85,6 +92,29 @@ def frontier_plot(doc: dict[str, Any], path: str | Path) -> Path:
                  fontsize=9)  # fmt: skip
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def _label_points(ax, xs, ys, names: list[str], fontsize: int = 7) -> None:
+    """Name each point beside it, at the first of four corners where the label overlaps no
+    label placed before (greedily, the lowest-loss point first)."""
+    ax.autoscale_view()
+    to_points = 72 / ax.figure.dpi
+    placed: list[tuple[float, float, float, float]] = []
+    for i in np.argsort(ys):
+        px, py = ax.transData.transform((xs[i], ys[i])) * to_points
+        width, height = 0.6 * fontsize * len(names[i]), fontsize
+        corners = [(6, 4), (6, -4 - height), (-6 - width, 4), (-6 - width, -4 - height)]
+        for dx, dy in corners:
+            box = (px + dx, py + dy, px + dx + width, py + dy + height)
+            if not any(_overlap(box, other) for other in placed):
+                break
+        placed.append(box)
+        ax.annotate(names[i], (xs[i], ys[i]), fontsize=fontsize, xytext=(dx, dy),
+                    textcoords="offset points")  # fmt: skip
+
+
+def _overlap(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
 def _points_table(page: Page, doc: dict[str, Any]) -> None:
@@ -173,10 +203,10 @@ def render_frontier_section(page: Page, doc: dict[str, Any]) -> None:
         f'<p class="meta">{escape(cfg.get("description", ""))} Circuits pruned to a held-out '
         f"task loss of {cfg['target_loss']} nats for {len(doc['tasks']['all'])} tasks; "
         f"{len(common)} reached by every model ({escape(', '.join(common) or 'none')}) are "
-        f"averaged per model; each comparison of two models uses the tasks both reach. Loss on {stats['n_documents']} held-out documents. Intervals at "
-        f"{1 - stats['level']:.0%}: bootstrap ({stats['n_boot']} resamples) over tasks, "
-        f"documents and training seeds ({seed_note(doc)}). Training "
-        f"{timing['train_seconds']:.0f} s, scoring "
+        "averaged per model; each comparison of two models uses the tasks both reach. Loss on "
+        f"{stats['n_documents']} held-out documents. Intervals at {1 - stats['level']:.0%}: "
+        f"bootstrap ({stats['n_boot']} resamples) over tasks, documents and training seeds "
+        f"({seed_note(doc)}). Training {timing['train_seconds']:.0f} s, scoring "
         f"{timing['eval_seconds']:.0f} s, pruning {timing['sizing_seconds']:.0f} s of compute.</p>"
     )
     page.figure(
