@@ -29,9 +29,9 @@ give smaller circuits and lower loss. Each comparison of two models is paired ov
 both reach. Each claim: supported, contradicted or inconclusive at the config's level, with
 bootstrap intervals over tasks, documents and seeds.
 
-The cpu preset (6 models of width 32 and 64, 1000 steps, 8 tasks) took 65 minutes with
---jobs 2 on 2 CPU cores shared with heavier jobs; about 30-35 minutes on 2 free cores
-(benchmarks/README.md, "The capability-interpretability frontier"). Re-running the same command
+The cpu preset (6 models of width 64 and 128, 3000 steps, 8 tasks) took 50 minutes with
+--jobs 2 on 2 free CPU cores (benchmarks/README.md, "The capability-interpretability
+frontier"). Re-running the same command
 resumes: finished runs, losses and circuit sizes are kept, interrupted runs continue from their
 last checkpoint; a directory holding another frontier is refused."""
 
