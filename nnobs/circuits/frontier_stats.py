@@ -12,13 +12,12 @@ their geometric means of ``edges + 1`` over those tasks (a pair often shares mor
 the whole grid does). A point's loss is the token-weighted mean over documents, averaged over
 seeds.
 
-**Intervals.** One bootstrap draws tasks (shared by every point: the comparison is paired),
-documents (shared likewise) and, per point, training seeds, all with replacement. A
+**Intervals.** A bootstrap draws tasks (shared by the points it compares: the comparison is
+paired), documents (shared likewise) and, per point, training seeds, all with replacement. A
 difference between two points has the bootstrap's standard error, widened by √(n/(n−1)) (the
 bootstrap's own small-sample bias), and a Student t reference with n − 1 degrees of freedom,
-n the number of units resampled (the comparison's tasks for circuit size, documents for
-loss): with a handful
-of tasks a percentile interval would be too narrow, and the tests on simulated grids
+n the number of units resampled (the comparison's tasks for circuit size, documents for loss):
+with a handful of tasks a percentile interval would be too narrow, and the tests on simulated grids
 (``tests/test_frontier_stats.py``) hold the level with this one (with one training seed it is
 the paired t-test over tasks; with several, the seeds' variance is counted both through the
 tasks and through the seeds, so the test is conservative).
