@@ -179,9 +179,9 @@ def _claims(page: Page, doc: dict[str, Any]) -> None:
             ["from", "to", "tasks", "edges ratio", "p (claimed)", "Δ loss", "p (claimed)"],
             [[escape(c["from"]), escape(c["to"]), escape(", ".join(c["tasks"]) or "none"),
               f"{number(c['edges_ratio'], 2, sign=False)} {_interval_text(c['edges_ratio_ci'], 2)}",
-              f"{c['edges_p_claimed']:.3f}",
+              f"{c['edges_p_claimed']:.3g}",
               f"{number(c['loss_difference'], 3)} {_interval_text(c['loss_difference_ci'], 3)}",
-              f"{c['loss_p_claimed']:.3f}"] for c in claim["comparisons"]],
+              f"{c['loss_p_claimed']:.3g}"] for c in claim["comparisons"]],
             numeric={3, 4, 5, 6},
         )  # fmt: skip
 
