@@ -29,8 +29,8 @@ give smaller circuits and lower loss. Each comparison of two models is paired ov
 both reach. Each claim: supported, contradicted or inconclusive at the config's level, with
 bootstrap intervals over tasks, documents and seeds.
 
-The cpu preset (6 models of width 64 and 128, 3000 steps, 8 tasks) took 50 minutes with
---jobs 2 on 2 free CPU cores (benchmarks/README.md, "The capability-interpretability
+The cpu preset (6 models of width 64 and 128, 2 seeds, 3000 steps, 8 tasks) takes about 100
+minutes with --jobs 2 on 2 free CPU cores (benchmarks/README.md, "The capability-interpretability
 frontier"). Re-running the same command
 resumes: finished runs, losses and circuit sizes are kept, interrupted runs continue from their
 last checkpoint; a directory holding another frontier is refused."""
