@@ -62,8 +62,9 @@ def test_the_cpu_preset_holds_l0_fixed_across_widths(tmp_path):
     assert sparse.grad_rms_normalise and sparse.adam_eps == 0.1 and sparse.lr_keep_scaling
     assert len({(p.train.steps, p.train.data_seed, p.train.batch_size) for p in points}) == 1
     # the slowest (widest) models start first, so no job sits idle while one trains alone
-    order = [u.point.name for u in _units(cfg, tmp_path, "cpu", progress=False)]
-    assert order == [p.name for p in points[3:] + points[:3]]
+    order = [(u.point.name, u.seed) for u in _units(cfg, tmp_path, "cpu", progress=False)]
+    assert order == [(p.name, s) for p in points[3:] + points[:3] for s in cfg.seeds]
+    assert cfg.seeds == [0, 1]  # initialisation variance is in the intervals
 
 
 def to_toml(tables: dict) -> str:
