@@ -238,7 +238,6 @@ def frontier_document(cfg: FrontierConfig, outcomes: dict, wall_s: float) -> dic
         name: sorted({t for e in runs for t, r in e["tasks"].items() if not r["reached"]})
         for name, runs in entries.items()
     }
-    common = [t for t in cfg.tasks if not any(t in missed for missed in not_reached.values())]
     info = [{"name": p.name, "width": p.width, "nonzero": p.nonzero} for p in points]
     stats = claim_verdicts(
         _measures(cfg, points, outcomes),
@@ -273,7 +272,7 @@ def frontier_document(cfg: FrontierConfig, outcomes: dict, wall_s: float) -> dic
         "kind": "frontier",
         "provenance": software_provenance(),
         "config": cfg.to_dict(),
-        "tasks": {"all": list(cfg.tasks), "common": common},
+        "tasks": {"all": list(cfg.tasks), "common": stats["common"]},
         "points": rows,
         "claims": stats["claims"],
         "statistics": {k: stats[k] for k in ("level", "n_boot", "n_tasks", "n_documents")},

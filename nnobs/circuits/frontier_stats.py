@@ -179,9 +179,9 @@ def claim_verdicts(
     level: float = 0.05,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Each point's estimates with intervals (circuit size over the common tasks), and each
-    claim's comparisons (circuit size over the tasks both models reach, named from ``tasks``)
-    and verdicts."""
+    """Each point's estimates with intervals (circuit size over the common tasks, named in
+    ``common``), and each claim's comparisons (circuit size over the tasks both models reach,
+    named from ``tasks``) and verdicts."""
     names = tasks if tasks is not None else [f"task {i}" for i in range(measures.n_tasks)]
     reached = measures.reached()
     common = reached.all(axis=0)
@@ -232,6 +232,7 @@ def claim_verdicts(
             "loss_verdict": _verdict(loss_tests, level),
         }
     return {"points": per_point, "claims": claims, "level": level, "n_boot": n_boot,
+            "common": [t for t, here in zip(names, common, strict=True) if here],
             "n_tasks": units["edges"], "n_documents": measures.n_docs}  # fmt: skip
 
 
